@@ -1,0 +1,72 @@
+"""Logging for every level: ``get_logger(name)`` and ``configure_logging()``.
+
+Modules only ask for a logger; demos call :func:`configure_logging` in ``main()`` (never at
+import). The level comes from ``EDA_LOG_LEVEL`` (default INFO); ``EDA_LOG_FORMAT=json`` writes
+one JSON object per line, for log shippers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import orjson
+
+__all__ = ["JsonFormatter", "configure_logging", "get_logger"]
+
+_ROOT = "eda"
+_TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+_STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A logger under the repository's ``eda`` namespace (``eda.<module>``)."""
+    if name == _ROOT or name.startswith(_ROOT + "."):
+        return logging.getLogger(name)
+    return logging.getLogger(f"{_ROOT}.{name}")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, extras and the exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                payload[key] = value
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(payload, default=str).decode()
+
+
+def configure_logging(level: str | int | None = None, fmt: str | None = None) -> logging.Logger:
+    """Attach one stderr handler to the ``eda`` logger; calling it again replaces the handler."""
+    import time
+
+    level = level or os.environ.get("EDA_LOG_LEVEL", "INFO")
+    fmt = (fmt or os.environ.get("EDA_LOG_FORMAT", "text")).lower()
+    if fmt not in ("text", "json"):
+        raise ValueError(f"EDA_LOG_FORMAT must be 'text' or 'json', got {fmt!r}")
+    root = logging.getLogger(_ROOT)
+    for handler in list(root.handlers):
+        if getattr(handler, "_eda_handler", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._eda_handler = True  # type: ignore[attr-defined]
+    if fmt == "json":
+        formatter: logging.Formatter = JsonFormatter()
+    else:
+        formatter = logging.Formatter(_TEXT_FORMAT, "%H:%M:%S")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    root.addHandler(handler)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+    root.propagate = False
+    return root

@@ -1,0 +1,241 @@
+"""Files that survive crashes: the atomic write and the append-only JSON-lines log.
+
+Every level that keeps something on disk (events.log, file-Kafka segments and offsets, saga
+logs, webhook records, snapshots) goes through these two pieces, so the crash rules live in
+one place:
+
+* :func:`atomic_write` — temp file in the same directory, fsync, ``os.replace``, fsync of the
+  directory: a reader sees the old content or the new, never a mix.
+* :class:`AppendLog` — ``O_APPEND`` plus an exclusive ``flock`` around each write of whole
+  lines, so appends from several threads and several processes never interleave; on open, a
+  torn tail left by a writer killed mid-line is cut off (it was never acknowledged).
+* :class:`LineReader` — streams complete lines with their numbers and byte positions, and
+  reports (never yields) a torn last line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from common.logger import get_logger
+
+__all__ = ["DURABILITY_MODES", "AppendLog", "LineReader", "atomic_write", "fsync_dir"]
+
+log = get_logger(__name__)
+DURABILITY_MODES = ("none", "flush", "fsync")
+_NONE_BUFFER_LIMIT = 1 << 16
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory, so that a rename or a new file in it survives a power cut."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically (temp file + fsync + rename + fsync dir)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            if fsync:
+                os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if fsync:
+        fsync_dir(target.parent)
+
+
+class AppendLog:
+    """An append-only file of lines, safe across threads and processes.
+
+    ``durability`` says when an append is acknowledged:
+
+    * ``"none"``  — buffered in memory, written when the buffer fills, on :meth:`flush` or
+      :meth:`close` (lost if the process dies; fastest);
+    * ``"flush"`` — written to the OS with one ``write()`` per append (survives the process
+      dying, not a power cut);
+    * ``"fsync"`` — written and ``fsync``'d before the call returns (survives a power cut).
+
+    Each append writes whole lines with one ``write()`` under an exclusive ``flock``, so lines
+    from several writers never interleave. Lines must not contain a newline; one is added.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, durability: str = "flush", repair: bool = True
+    ) -> None:
+        if durability not in DURABILITY_MODES:
+            raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.durability = durability
+        self._lock = threading.Lock()
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.repaired_bytes = self.repair_tail() if repair else 0
+
+    # -- writing ----------------------------------------------------------------------------
+    def append(self, line: bytes) -> None:
+        """Append one line (without its newline)."""
+        self.append_many((line,))
+
+    def append_many(self, lines: Iterable[bytes]) -> None:
+        """Append several lines as one write: they land together and contiguously."""
+        chunk = b"\n".join(lines) + b"\n"
+        if chunk == b"\n":
+            return
+        with self._lock:
+            if self._fd is None:
+                raise ValueError(f"append to closed log {self.path}")
+            if self.durability == "none":
+                self._buffer.append(chunk)
+                self._buffered += len(chunk)
+                if self._buffered >= _NONE_BUFFER_LIMIT:
+                    self._write_locked(b"".join(self._buffer))
+                    self._buffer.clear()
+                    self._buffered = 0
+                return
+            self._write_locked(chunk)
+            if self.durability == "fsync":
+                os.fsync(self._fd)
+
+    def _write_locked(self, chunk: bytes) -> None:
+        assert self._fd is not None
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            view = memoryview(chunk)
+            while view:  # a regular file takes it all at once; loop for the rare short write
+                written = os.write(self._fd, view)
+                view = view[written:]
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def flush(self, *, fsync: bool = False) -> None:
+        """Write what is buffered; with ``fsync=True`` also force it to disk."""
+        with self._lock:
+            if self._fd is None:
+                return
+            if self._buffer:
+                self._write_locked(b"".join(self._buffer))
+                self._buffer.clear()
+                self._buffered = 0
+            if fsync:
+                os.fsync(self._fd)
+
+    def sync(self) -> None:
+        """fsync what has been written (a group commit covers every append before it)."""
+        self.flush(fsync=True)
+
+    def close(self) -> None:
+        self.flush(fsync=self.durability == "fsync")
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def __enter__(self) -> AppendLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- crash repair -----------------------------------------------------------------------
+    def repair_tail(self) -> int:
+        """Cut a torn last line (no trailing newline); returns the number of bytes removed.
+
+        Done under the same lock as appends, so a line being written by another live writer is
+        never mistaken for a torn one (a killed writer's lock is released by the kernel).
+        """
+        with self._lock:
+            assert self._fd is not None
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                size = os.fstat(self._fd).st_size
+                if size == 0:
+                    return 0
+                with open(self.path, "rb") as fh:
+                    keep = _end_of_last_line(fh, size)
+                if keep == size:
+                    return 0
+                os.truncate(self.path, keep)
+                log.warning(
+                    "cut a torn last line of %d bytes from %s (a writer died mid-write)",
+                    size - keep,
+                    self.path,
+                )
+                return size - keep
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+def _end_of_last_line(fh: BinaryIO, size: int) -> int:
+    """The byte position just after the last newline in the file (0 if none)."""
+    pos = size
+    block = 4096
+    while pos > 0:
+        start = max(0, pos - block)
+        fh.seek(start)
+        data = fh.read(pos - start)
+        idx = data.rfind(b"\n")
+        if idx >= 0:
+            return start + idx + 1
+        pos = start
+    return 0
+
+
+class LineReader:
+    """Stream the complete lines of a file from a byte ``offset``; memory stays flat.
+
+    Iterating yields ``(line_number, line)`` with the newline stripped; ``line_number`` counts
+    from 1 at ``first_line``. After iteration, ``position`` is the byte offset just past the
+    last complete line (where a follower resumes) and ``torn_tail`` holds the bytes of an
+    incomplete last line, if any: it is reported, never yielded.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, offset: int = 0, first_line: int = 1
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"no such log file: {self.path}")
+        self.offset = offset
+        self.first_line = first_line
+        self.position = offset
+        self.lines_read = 0
+        self.torn_tail: bytes | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        number = self.first_line - 1
+        position = self.offset
+        with open(self.path, "rb", buffering=1 << 20) as fh:
+            fh.seek(self.offset)
+            for raw in fh:
+                if raw[-1:] != b"\n":
+                    self.torn_tail = raw
+                    break
+                number += 1
+                position += len(raw)
+                self.position = position
+                self.lines_read += 1
+                yield number, raw[:-1]

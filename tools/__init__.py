@@ -1,0 +1,1 @@
+"""Repository tooling (the demo runner)."""
