@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -26,6 +27,8 @@ __all__ = ["Event", "InvalidEventError", "dumps", "loads", "new_event"]
 
 WIRE_FIELDS = ("id", "event", "data", "timestamp", "version", "correlation_id")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_US = timedelta(microseconds=1)
+_Z_NATIVE = sys.version_info >= (3, 11)  # fromisoformat() accepts a trailing "Z" since 3.11
 
 
 class InvalidEventError(ValueError):
@@ -58,18 +61,26 @@ def _format_ts(ns: int) -> str:
     return dt.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _parse_ts(value: Any) -> int:
+def _parse_iso(value: Any) -> datetime:
     if not isinstance(value, str):
         raise InvalidEventError(
             f"'timestamp' must be an ISO-8601 string, got {type(value).__name__}"
         )
     try:
-        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        dt = datetime.fromisoformat(value if _Z_NATIVE else value.replace("Z", "+00:00"))
     except ValueError:
         raise InvalidEventError(f"'timestamp' is not ISO-8601: {value!r}") from None
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+
+
+def _to_ns(dt: datetime) -> int:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    return ((dt - _EPOCH) // timedelta(microseconds=1)) * 1000
+    return ((dt - _EPOCH) // _US) * 1000
+
+
+def _parse_ts(value: Any) -> int:
+    return _to_ns(_parse_iso(value))
 
 
 def dumps(obj: Any) -> bytes:
@@ -125,9 +136,7 @@ class Event:
         else:
             self._seq = 0
             if isinstance(timestamp, datetime):
-                if timestamp.tzinfo is None:
-                    timestamp = timestamp.replace(tzinfo=timezone.utc)
-                self._ns = ((timestamp - _EPOCH) // timedelta(microseconds=1)) * 1000
+                self._ns = _to_ns(timestamp)
             else:
                 self._ns = _parse_ts(timestamp)
                 self._iso = timestamp
@@ -164,22 +173,32 @@ class Event:
 
     @property
     def timestamp(self) -> datetime:
-        return _EPOCH + timedelta(microseconds=self._ns // 1000)
+        return _EPOCH + timedelta(microseconds=self.timestamp_ns // 1000)
 
     @property
     def timestamp_iso(self) -> str:
         if self._iso is None:
-            self._iso = _format_ts(self._ns)
+            self._iso = _format_ts(self.timestamp_ns)
         return self._iso
 
     @property
     def timestamp_ns(self) -> int:
         """Nanoseconds since the epoch (microsecond precision once parsed from the wire)."""
-        return self._ns
+        ns = self._ns
+        if ns is None:  # read from the wire: converted on first use (replay rarely needs it)
+            ns = self._ns = _parse_ts(self._iso)
+        return ns
 
     # -- value semantics --------------------------------------------------------------------
     def _key(self) -> tuple[Any, ...]:
-        return (self.id, self._name, self._data, self._ns // 1000, self._version, self._corr)
+        return (
+            self.id,
+            self._name,
+            self._data,
+            self.timestamp_ns // 1000,
+            self._version,
+            self._corr,
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Event):
@@ -224,34 +243,45 @@ class Event:
         return self.to_json_bytes().decode()
 
     @classmethod
-    def from_dict(cls, obj: Any) -> Event:
-        """Validate a decoded wire object. Unknown extra keys are ignored (forward compatible)."""
+    def from_dict(cls, obj: Any, _new: Any = object.__new__) -> Event:
+        """Validate a decoded wire object. Unknown extra keys are ignored (forward compatible).
+
+        On the replay hot path: every field is validated, but the object is built without
+        ``__init__``'s keyword parsing (as :func:`new_event` does), and the timestamp, checked
+        here, is converted to nanoseconds only when somebody asks for it.
+        """
         if not isinstance(obj, dict):
             raise InvalidEventError(f"an event must be a JSON object, got {type(obj).__name__}")
-        missing = [f for f in ("id", "event", "data", "timestamp") if f not in obj]
-        if missing:
-            raise InvalidEventError(f"event is missing field(s): {', '.join(missing)}")
-        name = obj["event"]
+        try:
+            name = obj["event"]
+            event_id = obj["id"]
+            data = obj["data"]
+            timestamp = obj["timestamp"]
+        except KeyError:
+            missing = [f for f in ("id", "event", "data", "timestamp") if f not in obj]
+            raise InvalidEventError(f"event is missing field(s): {', '.join(missing)}") from None
         if not isinstance(name, str):
             raise InvalidEventError(f"'event' must be a string, got {type(name).__name__}")
         try:
             validate_name(name)
         except ValueError as exc:
             raise InvalidEventError(f"'event': {exc}") from None
-        event_id = obj["id"]
         if not isinstance(event_id, str) or not event_id:
             raise InvalidEventError("'id' must be a non-empty string")
         version = obj.get("version", 1)
         corr = obj.get("correlation_id")
-        _check_fields(obj["data"], version, corr)
-        return cls(
-            name,
-            obj["data"],
-            version=version,
-            correlation_id=corr,
-            id=event_id,
-            timestamp=obj["timestamp"],
-        )
+        _check_fields(data, version, corr)
+        _parse_iso(timestamp)  # validate now; convert lazily (timestamp_ns)
+        event = _new(cls)
+        event._name = name
+        event._data = {} if data is None else data
+        event._version = version
+        event._corr = corr
+        event._id = event_id
+        event._seq = 0
+        event._ns = None
+        event._iso = timestamp
+        return event
 
     @classmethod
     def from_json(cls, text: str | bytes | bytearray | memoryview) -> Event:

@@ -22,7 +22,6 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 from common.logger import get_logger
 
@@ -75,6 +74,11 @@ class AppendLog:
 
     Each append writes whole lines with one ``write()`` under an exclusive ``flock``, so lines
     from several writers never interleave. Lines must not contain a newline; one is added.
+
+    A writer killed mid-line leaves a torn tail. It is cut (under the lock, so never a line a
+    live writer is still writing) when a log is opened, and also before an append whenever the
+    file grew since this writer's last write and does not end with a newline — otherwise a
+    surviving writer's next line would be glued onto the fragment and lost with it.
     """
 
     def __init__(
@@ -88,8 +92,12 @@ class AppendLog:
         self._lock = threading.Lock()
         self._buffer: list[bytes] = []
         self._buffered = 0
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self.repaired_bytes = self.repair_tail() if repair else 0
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        self._end = -1  # the file size after this writer's last write (-1: not known)
+        self._repair = repair
+        self.repaired_bytes = 0  # torn-tail bytes this writer has cut, in all
+        if repair:
+            self.repair_tail()
 
     # -- writing ----------------------------------------------------------------------------
     def append(self, line: bytes) -> None:
@@ -117,15 +125,22 @@ class AppendLog:
                 os.fsync(self._fd)
 
     def _write_locked(self, chunk: bytes) -> None:
-        assert self._fd is not None
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        fd = self._fd
+        assert fd is not None
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
+            size = os.fstat(fd).st_size
+            if self._repair and size != self._end:  # somebody else wrote since our last write
+                cut = self._cut_torn_tail(fd, size)
+                self.repaired_bytes += cut
+                size -= cut
             view = memoryview(chunk)
             while view:  # a regular file takes it all at once; loop for the rare short write
-                written = os.write(self._fd, view)
+                written = os.write(fd, view)
                 view = view[written:]
+            self._end = size + len(chunk)
         finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def flush(self, *, fsync: bool = False) -> None:
         """Write what is buffered; with ``fsync=True`` also force it to disk."""
@@ -168,35 +183,39 @@ class AppendLog:
         never mistaken for a torn one (a killed writer's lock is released by the kernel).
         """
         with self._lock:
-            assert self._fd is not None
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            fd = self._fd
+            assert fd is not None
+            fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                size = os.fstat(self._fd).st_size
-                if size == 0:
-                    return 0
-                with open(self.path, "rb") as fh:
-                    keep = _end_of_last_line(fh, size)
-                if keep == size:
-                    return 0
-                os.truncate(self.path, keep)
-                log.warning(
-                    "cut a torn last line of %d bytes from %s (a writer died mid-write)",
-                    size - keep,
-                    self.path,
-                )
-                return size - keep
+                size = os.fstat(fd).st_size
+                cut = self._cut_torn_tail(fd, size)
+                self._end = size - cut
+                self.repaired_bytes += cut
+                return cut
             finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _cut_torn_tail(self, fd: int, size: int) -> int:
+        """With the flock held: truncate after the last newline; returns the bytes removed."""
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return 0
+        keep = _end_of_last_line(fd, size)
+        os.ftruncate(fd, keep)
+        log.warning(
+            "cut a torn last line of %d bytes from %s (a writer died mid-write)",
+            size - keep,
+            self.path,
+        )
+        return size - keep
 
 
-def _end_of_last_line(fh: BinaryIO, size: int) -> int:
+def _end_of_last_line(fd: int, size: int) -> int:
     """The byte position just after the last newline in the file (0 if none)."""
     pos = size
     block = 4096
     while pos > 0:
         start = max(0, pos - block)
-        fh.seek(start)
-        data = fh.read(pos - start)
+        data = os.pread(fd, pos - start, start)
         idx = data.rfind(b"\n")
         if idx >= 0:
             return start + idx + 1
@@ -208,8 +227,8 @@ class LineReader:
     """Stream the complete lines of a file from a byte ``offset``; memory stays flat.
 
     Iterating yields ``(line_number, line)`` with the newline stripped; ``line_number`` counts
-    from 1 at ``first_line``. After iteration, ``position`` is the byte offset just past the
-    last complete line (where a follower resumes) and ``torn_tail`` holds the bytes of an
+    from 1 at ``first_line``. ``position`` is the byte offset just past the last line yielded
+    (where a follower resumes) and ``torn_tail`` holds the bytes of an
     incomplete last line, if any: it is reported, never yielded.
     """
 
@@ -228,14 +247,16 @@ class LineReader:
     def __iter__(self) -> Iterator[tuple[int, bytes]]:
         number = self.first_line - 1
         position = self.offset
-        with open(self.path, "rb", buffering=1 << 20) as fh:
-            fh.seek(self.offset)
-            for raw in fh:
-                if raw[-1:] != b"\n":
-                    self.torn_tail = raw
-                    break
-                number += 1
-                position += len(raw)
-                self.position = position
-                self.lines_read += 1
-                yield number, raw[:-1]
+        try:
+            with open(self.path, "rb", buffering=1 << 20) as fh:
+                fh.seek(self.offset)
+                for raw in fh:
+                    if raw[-1] != 10:  # no b"\n": the last line, torn
+                        self.torn_tail = raw
+                        break
+                    number += 1
+                    position += len(raw)
+                    self.position = position  # read while iterating (followers, snapshots)
+                    yield number, raw[:-1]
+        finally:
+            self.lines_read = number - self.first_line + 1

@@ -163,3 +163,18 @@ def test_kill_9_mid_burst_leaves_a_readable_log(tmp_path: Path) -> None:
         log.append(b'{"i":"after"}')
     lines = [orjson.loads(line) for _, line in LineReader(path)]
     assert lines[-1] == {"i": "after"} and len(lines) == len(numbers) + 1
+
+
+def test_a_writer_killed_mid_line_does_not_swallow_a_live_writers_next_line(
+    tmp_path: Path,
+) -> None:
+    """Writer A stays open while writer B dies mid-line: A's next line must not be glued onto
+    B's fragment (it would be unreadable and so lost)."""
+    path = tmp_path / "log.jsonl"
+    with AppendLog(path) as a:
+        a.append(b'{"w":"a","i":1}')
+        with open(path, "ab") as b:  # B, killed after writing half a line
+            b.write(b'{"w":"b","i":1')
+        a.append(b'{"w":"a","i":2}')
+        assert a.repaired_bytes == len(b'{"w":"b","i":1')
+    assert [line for _, line in LineReader(path)] == [b'{"w":"a","i":1}', b'{"w":"a","i":2}']
