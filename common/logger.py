@@ -46,6 +46,22 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(payload, default=str).decode()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record.
+
+    A handler bound to the stream object of the moment it was created keeps writing to a
+    stream that may since have been replaced and closed (test runners capture stderr per test).
+    """
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ assigns it; ignore
+        pass
+
+
 def configure_logging(level: str | int | None = None, fmt: str | None = None) -> logging.Logger:
     """Attach one stderr handler to the ``eda`` logger; calling it again replaces the handler."""
     import time
@@ -58,7 +74,7 @@ def configure_logging(level: str | int | None = None, fmt: str | None = None) ->
     for handler in list(root.handlers):
         if getattr(handler, "_eda_handler", False):
             root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler._eda_handler = True  # type: ignore[attr-defined]
     if fmt == "json":
         formatter: logging.Formatter = JsonFormatter()
