@@ -1,1 +1,1 @@
-"""level_2_intermediate."""
+"""Level 2: the shop simulation and the queue-backed buses (threads, processes, asyncio)."""
