@@ -28,7 +28,9 @@ dispatch is one dict lookup however many subscriptions there are; the trie only 
 from __future__ import annotations
 
 import itertools
+import os
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,12 +88,37 @@ class ListenerError:
     def __str__(self) -> str:
         return (
             f"listener {self.listener} ({self.pattern!r}) failed on {self.event.name} "
-            f"[{self.event.id}]: {type(self.exception).__name__}: {self.exception}"
+            f"[{self.event.id}]: {type(self.exception).__name__}: {_safe_str(self.exception)}"
         )
 
 
 def listener_name(callback: Callable[..., Any]) -> str:
-    return getattr(callback, "__qualname__", None) or repr(callback)
+    """A stable, readable name: the function's qualified name, or the callable's class name
+    (never a repr with a memory address, which differs between processes)."""
+    name = getattr(callback, "__qualname__", None)
+    if isinstance(name, str):
+        return name
+    return f"{type(callback).__qualname__} instance"
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # an exception whose __str__ raises must not break error handling
+        return f"<unprintable {type(exc).__name__}>"
+
+
+# Every bus, so that a forked child can reset what the parent's threads may have held.
+_all_buses: weakref.WeakSet[BaseEventBus] = weakref.WeakSet()
+
+
+def _reset_buses_in_child() -> None:
+    for bus in list(_all_buses):
+        bus._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_buses_in_child)
 
 
 class BaseEventBus:
@@ -112,6 +139,14 @@ class BaseEventBus:
         # log): a callable taking the Event, or None. An attribute, not a method, because it
         # sits on the hot path of every emit.
         self._sink: Callable[[Event], None] | None = None
+        _all_buses.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: the parent's threads are gone, but a lock one of them held at the
+        fork would stay held, and a dispatch in flight would look re-entrant. Start afresh.
+        Subclasses with threads or queues of their own extend this."""
+        self._lock = threading.RLock()
+        self._busy = {}
 
     # -- subscriptions ----------------------------------------------------------------------
     def subscribe(self, pattern: str, callback: Listener, *, once: bool = False) -> Subscription:

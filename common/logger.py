@@ -22,7 +22,13 @@ _STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
 def get_logger(name: str) -> logging.Logger:
-    """A logger under the repository's ``eda`` namespace (``eda.<module>``)."""
+    """A logger under the repository's ``eda`` namespace (``eda.<module>``).
+
+    A module run with ``python -m pkg.mod`` is ``__main__``: it logs under its real name.
+    """
+    if name == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        name = spec.name if spec is not None else "main"
     if name == _ROOT or name.startswith(_ROOT + "."):
         return logging.getLogger(name)
     return logging.getLogger(f"{_ROOT}.{name}")

@@ -101,18 +101,11 @@ _running_buses: weakref.WeakSet[ProcessEventBus] = weakref.WeakSet()
 _atexit_registered = False
 
 
-def _reset_in_child() -> None:
-    for bus in list(_running_buses):
-        bus._after_fork_in_child()
-
 
 def _drain_at_exit() -> None:
     for bus in list(_running_buses):
         bus.close(timeout=EXIT_DRAIN_TIMEOUT)
 
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_in_child)
 
 
 # -- the worker process ---------------------------------------------------------------------
@@ -628,8 +621,7 @@ class ProcessEventBus(QueuedBusBase):
 
     def _after_fork_in_child(self) -> None:
         # The parent's processes, pipes and collector thread are not ours: start afresh.
-        self._lock = threading.RLock()
-        self._busy = {}
+        super()._after_fork_in_child()  # the base bus's lock and dispatch state
         self._collectors = {}
         self._stages = {}
         self._init_runtime()

@@ -50,7 +50,6 @@ A refused emit (full or closed) still leaves the event in ``event_log``, which
 from __future__ import annotations
 
 import atexit
-import os
 import queue
 import threading
 import time
@@ -86,19 +85,12 @@ _running_buses: weakref.WeakSet[QueuedEventBus] = weakref.WeakSet()
 _atexit_registered = False
 
 
-def _reset_in_child() -> None:
-    for bus in list(_running_buses):
-        bus._after_fork_in_child()
-
 
 def _drain_at_exit() -> None:
     for bus in list(_running_buses):
         if not bus.close(timeout=EXIT_DRAIN_TIMEOUT):
             log.error("%r did not drain within %.1fs at exit", bus, EXIT_DRAIN_TIMEOUT)
 
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_in_child)
 
 
 class _BatchQueue(queue.Queue):  # type: ignore[type-arg]
@@ -410,8 +402,7 @@ class QueuedEventBus(QueuedBusBase):
     def _after_fork_in_child(self) -> None:
         # Locks may have been held by a parent thread at the fork, and the parent's threads do
         # not exist here: start afresh. Events the parent queued are the parent's to deliver.
-        self._lock = threading.RLock()
-        self._busy = {}
+        super()._after_fork_in_child()  # the base bus's lock and dispatch state
         self._collectors = {}
         self._init_runtime()
         _running_buses.discard(self)  # re-added if the child starts it

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -420,3 +422,50 @@ def test_level1_bus_rejects_unserialisable_data_before_listeners_run(tmp_path: P
     assert calls == [("x", "b")]
     assert len(list(LineReader(tmp_path / "events.log"))) == 1
     assert [e.name for e in bus.event_log] == ["b"]
+
+
+def test_listener_names_are_stable_and_unprintable_errors_are_survived(bus: EventBus) -> None:
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    class Handler:
+        def __call__(self, event: Event) -> None:
+            raise Unprintable()
+
+    bus.subscribe("a", Handler())
+    bus.emit("a")
+    [error] = bus.errors
+    assert error.listener.endswith("Handler instance") and "0x" not in error.listener
+    assert "<unprintable Unprintable>" in str(error)
+
+
+def _emit_in_forked_child(bus: EventBus, conn: Any) -> None:
+    seen: list[str] = []
+    bus.subscribe("child", lambda e: seen.append(e.name))
+    bus.emit("child")
+    conn.send(seen)
+    conn.close()
+
+
+def test_a_bus_forked_in_the_middle_of_a_dispatch_works_in_the_child() -> None:
+    """Forked while a listener runs and while the bus's lock is held: in the child, the lock
+    is free and the emit is not mistaken for a re-entrant one (it would never run)."""
+    bus = EventBus()
+    ctx = multiprocessing.get_context("fork")
+    result: list = []
+
+    def fork_from_listener(event: Event) -> None:
+        parent_conn, child_conn = ctx.Pipe()
+        proc = ctx.Process(target=_emit_in_forked_child, args=(bus, child_conn))
+        with bus._lock:
+            proc.start()
+        child_conn.close()
+        if parent_conn.poll(30):
+            result.append(parent_conn.recv())
+        proc.join(30)
+        parent_conn.close()
+
+    bus.subscribe("parent", fork_from_listener)
+    bus.emit("parent")
+    assert result == [["child"]]
