@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from common.patterns import validate_name
+from common.patterns import validate_name, validated_names
 
 __all__ = ["Event", "InvalidEventError", "dumps", "loads", "new_event"]
 
@@ -253,35 +253,79 @@ class Event:
         return self.to_json_bytes().decode()
 
     @classmethod
-    def from_dict(cls, obj: Any, _new: Any = object.__new__) -> Event:
+    def from_dict(
+        cls,
+        obj: Any,
+        _known: Any = validated_names,
+        _fromiso: Any = datetime.fromisoformat,
+        _dict: Any = dict,
+        _str: Any = str,
+        _int: Any = int,
+    ) -> Event:
         """Validate a decoded wire object. Unknown extra keys are ignored (forward compatible).
 
-        On the replay hot path: every field is validated, but the object is built without
-        ``__init__``'s keyword parsing (as :func:`new_event` does), and the timestamp, checked
-        here, is converted to nanoseconds only when somebody asks for it.
+        On the replay hot path, so in two steps: one cheap test of the usual shape (exact
+        types, a name already validated once, a timestamp ``fromisoformat`` accepts); anything
+        else takes the thorough path, which says precisely what is wrong. The timestamp is
+        converted to nanoseconds only when somebody asks for it.
         """
-        if not isinstance(obj, dict):
-            raise InvalidEventError(f"an event must be a JSON object, got {type(obj).__name__}")
         try:
             name = obj["event"]
             event_id = obj["id"]
             data = obj["data"]
             timestamp = obj["timestamp"]
-        except KeyError:
-            missing = [f for f in ("id", "event", "data", "timestamp") if f not in obj]
-            raise InvalidEventError(f"event is missing field(s): {', '.join(missing)}") from None
+            version = obj.get("version", 1)
+            corr = obj.get("correlation_id")
+        except (KeyError, TypeError, AttributeError):
+            return cls._from_dict_checked(obj)
+        if not (
+            obj.__class__ is _dict
+            and name.__class__ is _str
+            and name in _known
+            and event_id.__class__ is _str
+            and event_id
+            and data.__class__ is _dict
+            and version.__class__ is _int
+            and version >= 1
+            and (corr is None or corr.__class__ is _str)
+            and timestamp.__class__ is _str
+        ):
+            return cls._from_dict_checked(obj)
+        try:
+            _fromiso(timestamp if _Z_NATIVE else timestamp.replace("Z", "+00:00"))
+        except ValueError:
+            return cls._from_dict_checked(obj)
+        return cls._restore(name, data, version, corr, event_id, timestamp)
+
+    @classmethod
+    def _from_dict_checked(cls, obj: Any) -> Event:
+        # The thorough path: every check, each with its own message.
+        if not isinstance(obj, dict):
+            raise InvalidEventError(f"an event must be a JSON object, got {type(obj).__name__}")
+        missing = [f for f in ("id", "event", "data", "timestamp") if f not in obj]
+        if missing:
+            raise InvalidEventError(f"event is missing field(s): {', '.join(missing)}")
+        name = obj["event"]
         if not isinstance(name, str):
             raise InvalidEventError(f"'event' must be a string, got {type(name).__name__}")
         try:
             validate_name(name)
         except ValueError as exc:
             raise InvalidEventError(f"'event': {exc}") from None
+        event_id = obj["id"]
         if not isinstance(event_id, str) or not event_id:
             raise InvalidEventError("'id' must be a non-empty string")
         version = obj.get("version", 1)
         corr = obj.get("correlation_id")
-        _check_fields(data, version, corr)
-        _parse_iso(timestamp)  # validate now; convert lazily (timestamp_ns)
+        _check_fields(obj["data"], version, corr)
+        _parse_iso(obj["timestamp"])
+        return cls._restore(name, obj["data"], version, corr, event_id, obj["timestamp"])
+
+    @classmethod
+    def _restore(
+        cls, name: str, data: Any, version: int, corr: Any, event_id: str, timestamp: str
+    ) -> Event:
+        # A validated event from the wire, built without __init__'s keyword parsing.
         event = _new(cls)
         event._name = name
         event._data = {} if data is None else data
@@ -289,7 +333,7 @@ class Event:
         event._corr = corr
         event._id = event_id
         event._seq = 0
-        event._ns = None
+        event._ns = None  # converted from _iso on first use (timestamp_ns)
         event._iso = timestamp
         return event
 
@@ -297,6 +341,9 @@ class Event:
     def from_json(cls, text: str | bytes | bytearray | memoryview) -> Event:
         """Parse one wire line; raises InvalidEventError naming what is wrong."""
         return cls.from_dict(loads(text))
+
+
+_new = object.__new__
 
 
 def new_event(

@@ -15,11 +15,19 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterator
 from typing import Generic, TypeVar
 
-__all__ = ["PatternIndex", "is_wildcard", "matches", "validate_name", "validate_pattern"]
+__all__ = [
+    "PatternIndex",
+    "is_wildcard",
+    "matches",
+    "validate_name",
+    "validate_pattern",
+    "validated_names",
+]
 
 T = TypeVar("T", bound=Hashable)
 _WILDCARDS = ("*", "#")
 _valid_names: set[str] = set()  # names validated once; bounded below
+validated_names = _valid_names  # read-only view for hot paths: `name in validated_names`
 _valid_patterns: set[str] = set()
 _CACHE_LIMIT = 65_536
 

@@ -198,3 +198,33 @@ def test_hash_and_equality() -> None:
     assert len({event, Event.from_json(event.to_json())}) == 1
     assert event.__eq__("not an event") is NotImplemented
     assert "a" in repr(event) and event.id in repr(event)
+
+
+wire_field = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-2, 3),
+    st.sampled_from(["", "x1", "a.b", "a..b", "a.*", "2026-01-01T00:00:00Z", "nope"]),
+    st.just({}),
+    st.just({"k": 1}),
+    st.just([1]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["id", "event", "data", "timestamp", "version", "correlation_id", "x"]),
+        wire_field,
+    )
+)
+def test_the_fast_and_the_thorough_validation_agree(obj: dict) -> None:
+    """from_dict's fast path accepts exactly what the thorough path accepts."""
+
+    def outcome(fn):  # type: ignore[no-untyped-def]
+        try:
+            return fn(obj).to_dict()
+        except InvalidEventError:
+            return "invalid"
+
+    assert outcome(Event.from_dict) == outcome(Event._from_dict_checked)
