@@ -7,6 +7,7 @@ matching marker. When the server does not answer they skip with the reason, unle
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -40,6 +41,18 @@ def _service_url(url: str, default_port: int, name: str) -> str:
     if REQUIRE_SERVICES:
         pytest.fail(f"{name} is required (EDA_REQUIRE_SERVICES=1) but {reason}")
     pytest.skip(f"{name} not available: {reason}")
+
+
+@pytest.fixture(autouse=True)
+def _restore_eda_logging() -> Iterator[None]:
+    """A demo's main() configures the ``eda`` logger (handler, level, no propagation): undo it
+    after each test, so that later tests' caplog sees their records."""
+    logger = logging.getLogger("eda")
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.propagate = propagate
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")
