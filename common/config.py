@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from dotenv import dotenv_values
@@ -21,7 +21,7 @@ class Settings:
     rabbitmq_url: str = "amqp://guest:guest@localhost:5672/"
     redis_url: str = "redis://localhost:6379/0"
     eda_data_dir: str = "data"
-    webhook_secret: str = ""
+    webhook_secret: str = field(default="", repr=False)  # never in logs
     eda_log_level: str = "INFO"
     eda_log_format: str = "text"
 

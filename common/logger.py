@@ -1,14 +1,13 @@
 """Logging for every level: ``get_logger(name)`` and ``configure_logging()``.
 
 Modules only ask for a logger; demos call :func:`configure_logging` in ``main()`` (never at
-import). The level comes from ``EDA_LOG_LEVEL`` (default INFO); ``EDA_LOG_FORMAT=json`` writes
-one JSON object per line, for log shippers.
+import). The level comes from ``EDA_LOG_LEVEL`` (default INFO) and ``EDA_LOG_FORMAT=json`` writes
+one JSON object per line, for log shippers; both are read from `.env`, then the environment.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Any
 
@@ -72,8 +71,13 @@ def configure_logging(level: str | int | None = None, fmt: str | None = None) ->
     """Attach one stderr handler to the ``eda`` logger; calling it again replaces the handler."""
     import time
 
-    level = level or os.environ.get("EDA_LOG_LEVEL", "INFO")
-    fmt = (fmt or os.environ.get("EDA_LOG_FORMAT", "text")).lower()
+    if level is None or fmt is None:
+        from common.config import Settings  # .env, then the environment
+
+        settings = Settings.load()
+        level = level or settings.eda_log_level
+        fmt = fmt or settings.eda_log_format
+    fmt = fmt.lower()
     if fmt not in ("text", "json"):
         raise ValueError(f"EDA_LOG_FORMAT must be 'text' or 'json', got {fmt!r}")
     root = logging.getLogger(_ROOT)

@@ -28,6 +28,7 @@ from common.retry import Backoff
 from common.storage import LineReader
 from common.waiting import wait_until
 from level_3_advanced.webhook.sign import DeliveryError, WebhookSender
+from level_3_advanced.webhook.webhook_server import create_app
 
 SECRET = "whsec_" + base64.b64encode(b"server-process-test-key-0123456789").decode()
 SERVER = "level_3_advanced.webhook.webhook_server"
@@ -323,3 +324,16 @@ def test_demo_runs_as_a_file_path(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "-> 202" in done.stdout and "workers handled 2 event(s)" in done.stdout
+
+
+def test_health_starts_the_service_when_it_is_the_first_request(tmp_path: Path) -> None:
+    """Under a WSGI server the health check may be a worker's first request: it must not say
+    "ok" before recovery has run."""
+    app = create_app({"WEBHOOK_DATA_DIR": str(tmp_path / "webhook"), "WEBHOOK_SECRET": ""})
+    service = app.extensions["webhook"]
+    assert not service.started
+    with app.test_client() as client:
+        response = client.get("/health")
+    assert response.status_code == 200 and response.get_json()["status"] == "ok"
+    assert service.started
+    service.close()

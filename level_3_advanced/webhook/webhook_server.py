@@ -395,6 +395,13 @@ class WebhookService:
 
     # -- inspection -------------------------------------------------------------------------
     def health(self) -> tuple[dict[str, Any], int]:
+        if not self.started and not self._closing:
+            # A health check may be the first request a WSGI server's worker sees: start
+            # (recovery included) before saying "ok", and say why not if it cannot.
+            try:
+                self.start()
+            except Exception as exc:
+                return {"status": f"not started: {type(exc).__name__}: {exc}"}, 503
         store, bus = self.store, self.bus
         body: dict[str, Any] = {
             "status": "ok",
@@ -522,7 +529,7 @@ def run_server(
     host: str,
     port: int,
     server: str = "waitress",
-    threads: int = 8,
+    threads: int = 16,
     port_file: Path | None = None,
 ) -> int:
     """Start the service (recovery first), serve until SIGINT/SIGTERM, close; an exit code."""
