@@ -11,11 +11,14 @@ one place:
   torn tail left by a writer killed mid-line is cut off (it was never acknowledged).
 * :class:`LineReader` — streams complete lines with their numbers and byte positions, and
   reports (never yields) a torn last line.
+* :class:`OwnerLock` — one live owner at a time for a data directory or a log: an exclusive
+  ``flock`` that the kernel releases when the owner dies, even by SIGKILL.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import tempfile
@@ -25,7 +28,16 @@ from pathlib import Path
 
 from common.logger import get_logger
 
-__all__ = ["DURABILITY_MODES", "AppendLog", "LineReader", "atomic_write", "fsync_dir"]
+__all__ = [
+    "DURABILITY_MODES",
+    "AppendLog",
+    "LineReader",
+    "OwnerLock",
+    "OwnerLockBusy",
+    "atomic_write",
+    "fsync_dir",
+    "try_lock",
+]
 
 log = get_logger(__name__)
 DURABILITY_MODES = ("none", "flush", "fsync")
@@ -260,3 +272,71 @@ class LineReader:
                     yield number, raw[:-1]
         finally:
             self.lines_read = number - self.first_line + 1
+
+
+def try_lock(fd: int) -> bool:
+    """Take an exclusive ``flock`` on ``fd`` without waiting; False if another holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+class OwnerLockBusy(RuntimeError):
+    """Another live process owns the lock; ``holder`` is its pid as it wrote it ("?" if none)."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is held by another live process (pid {holder})")
+        self.path = path
+        self.holder = holder
+
+
+class OwnerLock:
+    """One live owner at a time: an exclusive, non-blocking ``flock`` on ``path``.
+
+    The owner writes its pid into the file (for the error message of the next one). The
+    kernel releases the lock when the owner's process dies, even by SIGKILL, so a crash never
+    leaves a stale lock behind; nothing has to be cleaned up by hand.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def acquire(self) -> OwnerLock:
+        """Take the lock or raise :class:`OwnerLockBusy` at once; returns self."""
+        if self._fd is not None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if not try_lock(fd):
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise OwnerLockBusy(self.path, holder)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Give the lock up (idempotent); closing the descriptor releases the flock."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> OwnerLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

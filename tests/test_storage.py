@@ -178,3 +178,47 @@ def test_a_writer_killed_mid_line_does_not_swallow_a_live_writers_next_line(
         a.append(b'{"w":"a","i":2}')
         assert a.repaired_bytes == len(b'{"w":"b","i":1')
     assert [line for _, line in LineReader(path)] == [b'{"w":"a","i":1}', b'{"w":"a","i":2}']
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys
+    from common.storage import OwnerLock
+    lock = OwnerLock(sys.argv[1]).acquire()
+    print("held", flush=True)
+    sys.stdin.read()  # hold it until killed
+    """
+)
+
+
+def test_owner_lock_is_exclusive_and_freed_when_its_owner_is_killed(tmp_path: Path) -> None:
+    from common.storage import OwnerLock, OwnerLockBusy
+
+    path = tmp_path / "dir" / "owner.lock"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        with pytest.raises(OwnerLockBusy, match=rf"pid {proc.pid}\)") as busy:
+            OwnerLock(path).acquire()
+        assert busy.value.holder == str(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+    with OwnerLock(path) as lock:  # no stale lock after a SIGKILL
+        assert lock.held
+        assert path.read_text().strip() == str(os.getpid())
+        with pytest.raises(OwnerLockBusy):
+            OwnerLock(path).acquire()  # exclusive within one process too (another fd)
+    assert not lock.held
+    OwnerLock(path).acquire().release()

@@ -36,7 +36,6 @@ The idempotency index (``webhook-id`` / ``Idempotency-Key`` -> event id) is rebu
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import threading
 from collections import OrderedDict
@@ -47,7 +46,7 @@ from typing import Any
 
 from common.events import Event, InvalidEventError
 from common.logger import get_logger
-from common.storage import AppendLog, LineReader, fsync_dir
+from common.storage import AppendLog, LineReader, OwnerLock, OwnerLockBusy, fsync_dir
 
 __all__ = [
     "SYNC_MODES",
@@ -193,7 +192,7 @@ class WebhookStore:
         self.lock_path = self.data_dir / "webhook.lock"
         self._accepted: AppendLog | None = None
         self._handled: AppendLog | None = None
-        self._lock_fd: int | None = None
+        self._owner = OwnerLock(self.lock_path)
         # Group commit: requests waiting for the next batch, and whether a leader is at work.
         self._mutex = threading.Lock()
         self._pending: list[_Ticket] = []
@@ -259,16 +258,13 @@ class WebhookStore:
         return pending, handled
 
     def _take_lock(self) -> None:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            self._owner.acquire()
+        except OwnerLockBusy as exc:
             raise StorageError(
-                f"{self.data_dir} is in use by another webhook server "
+                f"{self.data_dir} is in use by another webhook server, pid {exc.holder} "
                 "(one process per data directory)"
             ) from None
-        self._lock_fd = fd
 
     def close(self) -> None:
         """Write what waits in memory, close the files, release the directory (idempotent)."""
@@ -286,9 +282,7 @@ class WebhookStore:
                 with contextlib.suppress(OSError):
                     file.close()
                 setattr(self, attr, None)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
+        self._owner.release()
 
     @property
     def closed(self) -> bool:

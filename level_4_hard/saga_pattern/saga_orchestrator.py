@@ -39,9 +39,6 @@ dies), so recovery never races the process it replaces.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import os
 import re
 import threading
@@ -55,6 +52,7 @@ from common.base_eventbus import BaseEventBus
 from common.events import Event, dumps
 from common.logger import get_logger
 from common.retry import Backoff, retry_call
+from common.storage import OwnerLock, OwnerLockBusy
 from level_1_basic.eventbus import EventBus
 from level_4_hard.saga_pattern import saga_log as records
 from level_4_hard.saga_pattern.clock import Clock, SystemClock
@@ -226,24 +224,15 @@ def _check_output(step: str, output: Any) -> dict[str, Any]:
     return output
 
 
-def _acquire_owner_lock(path: Path) -> int:
-    """An exclusive, non-blocking flock on ``path``; raises SagaLogBusy if a live process
-    holds it. The kernel drops it when the holder dies, even by SIGKILL."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def _acquire_owner_lock(path: Path) -> OwnerLock:
+    """One live orchestrator per saga log; raises SagaLogBusy naming the holder's pid."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise SagaLogBusy(
-                f"{path.with_suffix('.jsonl')} is owned by another live orchestrator "
-                f"(pid {holder}); one owner at a time"
-            ) from None
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+        return OwnerLock(path).acquire()
+    except OwnerLockBusy as exc:
+        raise SagaLogBusy(
+            f"{path.with_suffix('.jsonl')} is owned by another live orchestrator "
+            f"(pid {exc.holder}); one owner at a time"
+        ) from None
 
 
 class SagaOrchestrator:
@@ -295,12 +284,12 @@ class SagaOrchestrator:
         self._states: dict[str, SagaState] = {}
         self._active: set[str] = set()
         self._log: SagaLog | None = None
-        self._owner_fd: int | None = None
+        self._owner: OwnerLock | None = None
         self._closed = False
         if log_dir is not None:
             folder = Path(log_dir)
             folder.mkdir(parents=True, exist_ok=True)
-            self._owner_fd = _acquire_owner_lock(folder / f"{name}.lock")
+            self._owner = _acquire_owner_lock(folder / f"{name}.lock")
             try:
                 self._log = SagaLog(folder / f"{name}.jsonl", durability=durability)
                 self._states = self._log.load()
@@ -465,10 +454,9 @@ class SagaOrchestrator:
         if self._log is not None:
             self._log.close()
             self._log = None
-        if self._owner_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._owner_fd)
-            self._owner_fd = None
+        if self._owner is not None:
+            self._owner.release()
+            self._owner = None
         if self._own_clock:
             self.clock.close()
 
