@@ -20,6 +20,8 @@ Semantics, which every bus in the repository shares:
 
 Variants (queued, process, async, replayable) override one hook, :meth:`_deliver`: how a
 matched event reaches its listeners. Matching, ordering, the log and the error policy stay here.
+A variant that runs listeners where :meth:`_dispatch` cannot call them (a worker process, the
+event loop) asks :meth:`_due` which subscriptions are due, by the same rule, and runs those.
 
 Speed: matched subscriptions are cached per event name (invalidated on every change), so a
 dispatch is one dict lookup however many subscriptions there are; the trie only runs on a miss.
@@ -32,7 +34,7 @@ import os
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from threading import get_ident
 from typing import Any, TypeVar
@@ -288,6 +290,8 @@ class BaseEventBus:
         """Call each subscription with error isolation; returns how many listeners failed."""
         failures = 0
         for sub in subscriptions:
+            # The rule of _due, inline (this loop is the hot path of every emit), checked as
+            # each turn comes, so a subscription cancelled by an earlier listener is skipped.
             if not sub.active:
                 continue
             if sub.once and not self._remove(sub):
@@ -298,6 +302,28 @@ class BaseEventBus:
                 failures += 1
                 self._listener_failed(event, sub, exc)
         return failures
+
+    def _due(self, subscriptions: Iterable[Subscription]) -> list[Subscription]:
+        """The subscriptions due for an event, in order, by the rule ``_dispatch`` applies.
+
+        For buses that call listeners somewhere ``_dispatch`` cannot (a worker process, a
+        coroutine awaited by the event loop): cancelled subscriptions are skipped and each
+        once-subscription is claimed here, by exactly one caller across threads.
+        """
+        return [sub for sub in subscriptions if sub.active and (not sub.once or self._remove(sub))]
+
+    @staticmethod
+    def _call(event: Event, sub: Subscription) -> Exception | None:
+        """Call one listener with error isolation: the exception it raised, or None.
+
+        Nothing is recorded: the caller decides (``_listener_failed``, or a retry first).
+        ``_dispatch`` inlines the same ``try`` for speed.
+        """
+        try:
+            sub.callback(event)
+        except Exception as exc:
+            return exc
+        return None
 
     def _listener_failed(self, event: Event, sub: Subscription, exc: Exception) -> None:
         error = ListenerError(event, sub.pattern, listener_name(sub.callback), exc)

@@ -1,18 +1,18 @@
-"""What the queue-backed buses share on top of BaseEventBus: retries, dead letters, staging.
+"""What the queue-backed buses share on top of BaseEventBus: retries and dead letters.
 
 * :class:`DeadLetter` — an event that a listener could not handle after every retry.
 * :class:`RetryingDispatch` — BaseEventBus whose worker threads retry a failing listener
   (only that one) with capped exponential backoff. It reuses ``BaseEventBus._dispatch`` as it
   is: while a worker delivers, ``_listener_failed`` collects the failures instead of recording
-  them, and the failed subscriptions are dispatched again after the backoff. Only when the
-  retries are used up does a failure take the base path (``bus.errors``, logged with the event
-  id) and become a dead letter.
+  them, and the failed subscriptions are called again (``BaseEventBus._call``) after the
+  backoff. Only when the retries are used up does a failure take the base path
+  (``bus.errors``, logged with the event id) and become a dead letter.
 * :class:`QueuedBusBase` — the constructor options and lifecycle flags of the three buses.
-* :class:`StagedListener` — for buses whose listeners run somewhere ``_dispatch`` cannot call
-  them (a worker process, a coroutine awaited by the event loop). The bus wraps each callback
-  at subscribe time; ``_dispatch`` then *selects* the listeners due for an event (skipping
-  cancelled subscriptions, claiming once-subscriptions, in subscription order) instead of
-  calling them, and the bus runs them where they belong.
+
+The process and asyncio buses cannot let ``_dispatch`` call their listeners (those run in a
+worker process, or must be awaited): they ask ``BaseEventBus._due`` which subscriptions are due
+for an event (cancelled ones skipped, once-subscriptions claimed, in subscription order), run
+them where they belong, and share the retry rounds through :meth:`RetryingDispatch._next_round`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from threading import get_ident
 from typing import Any
 
-from common.base_eventbus import BaseEventBus, Listener, Subscription, listener_name
+from common.base_eventbus import BaseEventBus, Subscription, listener_name
 from common.events import Event
 from common.logger import get_logger
 from common.retry import Backoff
@@ -32,12 +32,10 @@ from common.retry import Backoff
 __all__ = [
     "DEFAULT_BACKOFF",
     "DeadLetter",
+    "Failure",
     "QueuedBusBase",
     "RetryingDispatch",
-    "StagedListener",
     "check_options",
-    "select_listeners",
-    "subscribe_staged",
 ]
 
 log = get_logger(__name__)
@@ -139,38 +137,50 @@ class RetryingDispatch(BaseEventBus):
         gave_up: list[tuple[Failure, int]] = []
         attempts = 1
         while failed and attempts <= self.max_retries:
-            again: list[Subscription] = []
-            for sub, exc in failed:
-                if sub.once:
-                    # Claimed by the first attempt (and so no longer active): the retry belongs
-                    # to that claim. A detached copy, never registered, is called instead.
-                    again.append(Subscription(self, sub.pattern, sub.callback, False, sub.seq))
-                elif sub.active:
-                    again.append(sub)
-                else:
-                    gave_up.append(((sub, exc), attempts))  # unsubscribed while failing
+            again, delay = self._next_round(event, failed, attempts, gave_up)
             if not again:
-                failed = []
-                break
-            delay = self.backoff.delay(attempts)
-            for sub in again:
-                log.warning(
-                    "listener %s (%r) failed on %s [%s], attempt %d of %d; retrying in %.3fs",
-                    listener_name(sub.callback),
-                    sub.pattern,
-                    event.name,
-                    event.id,
-                    attempts,
-                    self.max_retries + 1,
-                    delay,
-                )
+                return gave_up
             self._sleep(delay)
             attempts += 1
-            self._dispatch(event, tuple(again))
-            failed = list(bucket)
-            bucket.clear()
+            failed = []
+            for sub in again:
+                exc = self._call(event, sub)
+                if exc is not None:
+                    failed.append((sub, exc))
         gave_up.extend((failure, attempts) for failure in failed)
         return gave_up
+
+    def _next_round(
+        self,
+        event: Event,
+        failed: list[Failure],
+        attempts: int,
+        gave_up: list[tuple[Failure, int]],
+    ) -> tuple[list[Subscription], float]:
+        """Plan the retry round after ``attempts`` tries: the subscriptions to call again, and
+        the backoff to wait first (logged). A listener unsubscribed meanwhile goes to
+        ``gave_up``; a once-subscription is retried, though no longer active: its claim (the
+        first attempt) owns the retries."""
+        again: list[Subscription] = []
+        for failure in failed:
+            sub = failure[0]
+            if sub.once or sub.active:
+                again.append(sub)
+            else:
+                gave_up.append((failure, attempts))
+        delay = self.backoff.delay(attempts) if again else 0.0
+        for sub in again:
+            log.warning(
+                "listener %s (%r) failed on %s [%s], attempt %d of %d; retrying in %.3fs",
+                listener_name(sub.callback),
+                sub.pattern,
+                event.name,
+                event.id,
+                attempts,
+                self.max_retries + 1,
+                delay,
+            )
+        return again, delay
 
     def _give_up(self, event: Event, sub: Subscription, exc: BaseException, attempts: int) -> None:
         """Record a final failure: ``bus.errors`` (the base path, logged) and a dead letter."""
@@ -264,81 +274,3 @@ class QueuedBusBase(RetryingDispatch):
             f"<{type(self).__name__} {state} workers={self.workers} queued={self.qsize()} "
             f"subscriptions={len(self)} dead_letters={len(self.dead_letters)}>"
         )
-
-
-class StagedListener:
-    """A listener that ``BaseEventBus._dispatch`` selects instead of calling (see the module).
-
-    Equal to (and hashed like) the function it wraps, so ``unsubscribe(pattern, fn)`` and the
-    duplicate check of ``subscribe`` work with the caller's own function. Called outside a
-    staging dispatch (by hand), it calls the function.
-    """
-
-    def __init__(
-        self, fn: Listener, pattern: str, stages: dict[int, list[StagedListener]], extra: Any = None
-    ) -> None:
-        self.fn = fn
-        self.pattern = pattern
-        self.extra = extra  # what the bus needs to run it (the process bus: the pickled fn)
-        self.__qualname__ = listener_name(fn)
-        self._stages = stages
-        self.subscription: Subscription | None = None  # set by the bus once subscribed
-
-    def still_wanted(self) -> bool:
-        """May a failed call be retried? Not if it was unsubscribed (a claimed once may)."""
-        sub = self.subscription
-        return sub is None or sub.once or sub.active
-
-    def __call__(self, event: Event) -> Any:
-        stage = self._stages.get(get_ident())
-        if stage is None:
-            return self.fn(event)
-        stage.append(self)
-        return None
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, StagedListener):
-            return self.fn == other.fn
-        return bool(self.fn == other)
-
-    def __hash__(self) -> int:
-        return hash(self.fn)
-
-    def __repr__(self) -> str:
-        return f"<staged listener {self.__qualname__}>"
-
-
-def select_listeners(
-    bus: BaseEventBus,
-    stages: dict[int, list[StagedListener]],
-    event: Event,
-    subscriptions: tuple[Subscription, ...],
-) -> list[StagedListener]:
-    """Run ``bus._dispatch`` in staging mode: the listeners due for ``event``, in order."""
-    tid = get_ident()
-    stage: list[StagedListener] = []
-    stages[tid] = stage
-    try:
-        bus._dispatch(event, subscriptions)
-    finally:
-        del stages[tid]
-    return stage
-
-
-def subscribe_staged(
-    bus: BaseEventBus,
-    subscribe: Callable[..., Subscription],
-    stages: dict[int, list[StagedListener]],
-    pattern: str,
-    callback: Listener,
-    once: bool,
-    extra: Any = None,
-) -> Subscription:
-    """Subscribe ``callback`` wrapped in a StagedListener through the base ``subscribe``."""
-    if isinstance(callback, StagedListener):
-        callback = callback.fn
-    staged = StagedListener(callback, pattern, stages, extra)
-    sub = subscribe(pattern, staged, once=once)
-    if sub.callback is staged:  # a new subscription, not an existing duplicate
-        staged.subscription = sub
-    return sub

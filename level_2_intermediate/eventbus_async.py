@@ -2,8 +2,9 @@
 
 Subscribing, matching, the order of listeners, once-subscriptions, the event log and the error
 records are BaseEventBus's. ``_deliver`` puts the matched event on an ``asyncio.Queue``; worker
-tasks take it, let the shared ``_dispatch`` select the listeners due (staging mode, see
-:mod:`level_2_intermediate.delivery`), and await them one by one, in subscription order.
+tasks take it, ask ``BaseEventBus._due`` which subscriptions are due (the rule ``_dispatch``
+applies: cancelled ones skipped, once-subscriptions claimed), and await them one by one, in
+subscription order.
 
 Semantics:
 
@@ -36,16 +37,10 @@ import contextvars
 import inspect
 from typing import Any
 
-from common.base_eventbus import BaseEventBus, Listener, Subscription, listener_name
+from common.base_eventbus import BaseEventBus, Subscription
 from common.events import Event
 from common.logger import get_logger
-from level_2_intermediate.delivery import (
-    DeadLetter,
-    QueuedBusBase,
-    StagedListener,
-    select_listeners,
-    subscribe_staged,
-)
+from level_2_intermediate.delivery import DeadLetter, Failure, QueuedBusBase
 from level_2_intermediate.errors import BusClosedError, QueueFullError
 
 __all__ = ["AsyncEventBus", "DeadLetter"]
@@ -64,12 +59,11 @@ class AsyncEventBus(QueuedBusBase):
 
     Options as QueuedEventBus (:class:`QueuedBusBase`): ``workers=2, maxsize=10_000,
     put_timeout=5.0, max_retries=3, backoff, on_done, key, history_limit, error_limit``;
-    ``on_done`` may be a coroutine function.
+    ``on_done`` may be a coroutine function, and so may the listeners given to ``subscribe``.
     """
 
     def _init_runtime(self) -> None:
         # Created by start(), on the loop the bus belongs to.
-        self._stages: dict[int, list[StagedListener]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queues: list[asyncio.Queue[Any]] = []
         self._tasks: list[asyncio.Task[None] | None] = []
@@ -78,13 +72,6 @@ class AsyncEventBus(QueuedBusBase):
         self._idle: asyncio.Event | None = None
         self._outstanding = 0
         self._stopping = False
-
-    # -- subscriptions ----------------------------------------------------------------------
-    def subscribe(self, pattern: str, callback: Listener, *, once: bool = False) -> Subscription:
-        """As BaseEventBus.subscribe; ``callback`` may be a coroutine function."""
-        if not callable(callback):
-            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-        return subscribe_staged(self, super().subscribe, self._stages, pattern, callback, once)
 
     # -- emitting ---------------------------------------------------------------------------
     async def emit(self, name: str, data: dict[str, Any] | None = None, **meta: Any) -> Event:  # type: ignore[override]
@@ -250,8 +237,7 @@ class AsyncEventBus(QueuedBusBase):
             if self._room is not None:
                 self._room.release()
             try:
-                staged = select_listeners(self, self._stages, event, subscriptions)
-                failed = await self._run(event, staged)
+                failed = await self._run(event, self._due(subscriptions))
                 await self._notify_done(event, failed)
             except BaseException as exc:  # cancelled from outside, SystemExit & co.
                 self._worker_died(event, exc, "a worker task")
@@ -271,51 +257,31 @@ class AsyncEventBus(QueuedBusBase):
                 raise
             self._handled()
 
-    async def _run(self, event: Event, staged: list[StagedListener]) -> bool:
+    async def _run(self, event: Event, due: list[Subscription]) -> bool:
         """Await each listener in order, retrying failures; True if any was dead-lettered."""
-        failures = []
-        for listener in staged:
-            exc = await _call(listener, event)
+        failed: list[Failure] = []
+        for sub in due:
+            exc = await _call(event, sub)
             if exc is not None:
-                failures.append((listener, exc))
-        gave_up = False
+                failed.append((sub, exc))
+        gave_up: list[tuple[Failure, int]] = []
         attempts = 1
-        while failures and attempts <= self.max_retries:
-            wanted = []
-            for listener, exc in failures:
-                if listener.still_wanted():
-                    wanted.append(listener)
-                else:  # unsubscribed while failing: no more retries
-                    self._record(event, listener, exc, attempts)
-                    gave_up = True
-            if not wanted:
-                return gave_up
-            delay = self.backoff.delay(attempts)
-            for listener in wanted:
-                log.warning(
-                    "listener %s (%r) failed on %s [%s], attempt %d of %d; retrying in %.3fs",
-                    listener_name(listener.fn),
-                    listener.pattern,
-                    event.name,
-                    event.id,
-                    attempts,
-                    self.max_retries + 1,
-                    delay,
-                )
+        while failed and attempts <= self.max_retries:
+            again, delay = self._next_round(event, failed, attempts, gave_up)
+            if not again:
+                failed = []  # every one of them went to gave_up
+                break
             await asyncio.sleep(delay)
             attempts += 1
-            failures = []
-            for listener in wanted:
-                exc = await _call(listener, event)
+            failed = []
+            for sub in again:
+                exc = await _call(event, sub)
                 if exc is not None:
-                    failures.append((listener, exc))
-        for listener, exc in failures:
-            self._record(event, listener, exc, attempts)
-        return gave_up or bool(failures)
-
-    def _record(self, event: Event, staged: StagedListener, exc: Exception, attempts: int) -> None:
-        sub = staged.subscription or Subscription(self, staged.pattern, staged, False, -1)
-        self._give_up(event, sub, exc, attempts)
+                    failed.append((sub, exc))
+        gave_up.extend((failure, attempts) for failure in failed)
+        for (sub, exc), tries in gave_up:
+            self._give_up(event, sub, exc, tries)
+        return bool(gave_up)
 
     async def _notify_done(self, event: Event, failed: bool) -> None:
         if self._on_done is None:
@@ -336,10 +302,10 @@ class AsyncEventBus(QueuedBusBase):
         return self._loop is not None
 
 
-async def _call(staged: StagedListener, event: Event) -> Exception | None:
-    """Call one listener with error isolation; its exception, or None."""
+async def _call(event: Event, sub: Subscription) -> Exception | None:
+    """``BaseEventBus._call`` for the loop: a coroutine listener is awaited."""
     try:
-        result = staged.fn(event)
+        result = sub.callback(event)
         if inspect.isawaitable(result):
             await result
     except Exception as exc:

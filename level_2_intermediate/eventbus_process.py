@@ -2,10 +2,11 @@
 
 Use it when listeners are CPU-bound: each worker is a separate interpreter, so K workers use K
 cores, which threads cannot do under the GIL. Matching, ordering of listeners, once-subscriptions
-and the error policy are still BaseEventBus's: ``_dispatch`` runs in the parent in *staging*
-mode (see :mod:`level_2_intermediate.delivery`) to select the listeners due for an event; the
-event then travels to a worker in the one wire format (``Event.to_json_bytes``) with references
-to those listeners, and the worker calls them with the same retry policy as the thread bus.
+and the error policy are still BaseEventBus's: in the parent, ``BaseEventBus._due`` selects the
+subscriptions due for an event (by the rule ``_dispatch`` applies); the event then travels to a
+worker in the one wire format (``Event.to_json_bytes``) with references to those listeners
+(pickled once, at subscribe), and the worker calls them with the same retry policy as the
+thread bus.
 
 Semantics (as QueuedEventBus, plus what processes change):
 
@@ -70,9 +71,6 @@ from level_2_intermediate.delivery import (
     DeadLetter,
     QueuedBusBase,
     RetryingDispatch,
-    StagedListener,
-    select_listeners,
-    subscribe_staged,
 )
 from level_2_intermediate.errors import (
     BusClosedError,
@@ -101,11 +99,9 @@ _running_buses: weakref.WeakSet[ProcessEventBus] = weakref.WeakSet()
 _atexit_registered = False
 
 
-
 def _drain_at_exit() -> None:
     for bus in list(_running_buses):
         bus.close(timeout=EXIT_DRAIN_TIMEOUT)
-
 
 
 # -- the worker process ---------------------------------------------------------------------
@@ -199,7 +195,7 @@ class _Task:
     event: Event
     payload: bytes
     refs: _Refs
-    staged: list[StagedListener]
+    subs: list[Subscription]  # the subscriptions behind refs, in the same order
     deaths: int = 0
 
 
@@ -226,7 +222,9 @@ class ProcessEventBus(QueuedBusBase):
 
     def __init__(self, *args: Any, context: str = "spawn", **options: Any) -> None:
         self._ctx = multiprocessing.get_context(context)
-        self._stages: dict[int, list[StagedListener]] = {}
+        # Each subscription's pickled listener, made once at subscribe. Weak: an entry lives
+        # as long as its subscription (registered, or in an event still being delivered).
+        self._blobs: weakref.WeakKeyDictionary[Subscription, bytes] = weakref.WeakKeyDictionary()
         super().__init__(*args, **options)
 
     def _init_runtime(self) -> None:
@@ -249,8 +247,6 @@ class ProcessEventBus(QueuedBusBase):
         validate_pattern(pattern)
         if not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-        if isinstance(callback, StagedListener):
-            callback = callback.fn
         try:
             blob = pickle.dumps(callback)
         except Exception as exc:
@@ -261,9 +257,10 @@ class ProcessEventBus(QueuedBusBase):
                 "objects holding locks, files or sockets cannot be sent. Share state through "
                 "multiprocessing.Manager objects."
             ) from exc
-        return subscribe_staged(
-            self, super().subscribe, self._stages, pattern, callback, once, blob
-        )
+        with self._lock:  # an emit can match the subscription only once its blob is stored
+            sub = super().subscribe(pattern, callback, once=once)
+            self._blobs.setdefault(sub, blob)  # a duplicate keeps its first blob
+        return sub
 
     def __reduce__(self) -> Any:
         raise TypeError(
@@ -451,9 +448,9 @@ class ProcessEventBus(QueuedBusBase):
                 if not self._accepting:
                     raise BusClosedError(f"{self!r} closed while {event.name} waited for room")
             worker = self._choose(event)  # a failing key() raises before anything is claimed
-            staged = select_listeners(self, self._stages, event, subscriptions)
-            refs = tuple((s.pattern, s.extra) for s in staged)
-            task = _Task(next(self._seq), event, payload, refs, staged)
+            due = self._due(subscriptions)
+            refs = tuple((sub.pattern, self._blobs[sub]) for sub in due)
+            task = _Task(next(self._seq), event, payload, refs, due)
             self._pending[task.seq] = task
             self._outstanding += 1
             self._send(worker, task)
@@ -531,9 +528,7 @@ class ProcessEventBus(QueuedBusBase):
             return
         report: _Report = message[2]
         for i, packed, attempts in report:
-            staged = task.staged[i]
-            sub = staged.subscription or Subscription(self, staged.pattern, staged, False, -1)
-            self._give_up(task.event, sub, _unpack_exception(packed), attempts)
+            self._give_up(task.event, task.subs[i], _unpack_exception(packed), attempts)
         self._finish(task, bool(report))
 
     def _finish(self, task: _Task, failed: bool) -> None:
@@ -623,7 +618,6 @@ class ProcessEventBus(QueuedBusBase):
         # The parent's processes, pipes and collector thread are not ours: start afresh.
         super()._after_fork_in_child()  # the base bus's lock and dispatch state
         self._collectors = {}
-        self._stages = {}
         self._init_runtime()
         _running_buses.discard(self)
 

@@ -85,12 +85,10 @@ _running_buses: weakref.WeakSet[QueuedEventBus] = weakref.WeakSet()
 _atexit_registered = False
 
 
-
 def _drain_at_exit() -> None:
     for bus in list(_running_buses):
         if not bus.close(timeout=EXIT_DRAIN_TIMEOUT):
             log.error("%r did not drain within %.1fs at exit", bus, EXIT_DRAIN_TIMEOUT)
-
 
 
 class _BatchQueue(queue.Queue):  # type: ignore[type-arg]

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from common.base_eventbus import BaseEventBus
+from common.base_eventbus import BaseEventBus, Subscription
 from common.events import Event
 from common.retry import Backoff
 from level_1_basic.eventbus import EventBus
@@ -274,6 +274,43 @@ class BusContract:
         assert journal.numbers("once") == [0]
         assert journal.numbers("steady") == [0, 1, 2]
 
+    def test_subscribing_a_listener_twice_keeps_one_subscription(self, new, journal) -> None:
+        d = new(workers=2)
+        listener = journal.listener("twice")
+        first = d.bus.subscribe("tick", listener)
+        assert d.bus.subscribe("tick", listener) is first
+        assert [s.callback for s in d.bus.subscriptions()] == [listener]
+        assert first.callback is listener  # the caller's own, not a wrapper
+        d.emit("tick", {"n": 0})
+        assert d.join()
+        assert journal.numbers("twice") == [0]
+        assert d.bus.unsubscribe("tick", listener) is True and not first.active
+        assert d.bus.unsubscribe("tick", listener) is False
+
+    def test_a_once_subscription_fires_for_one_event_across_workers(self, new, journal) -> None:
+        d = new(workers=2)
+        d.bus.once("tick", journal.listener("once"))
+        d.bus.subscribe("tick", journal.listener("steady"))
+        for n in range(20):
+            d.emit("tick", {"n": n})
+        assert d.join()
+        assert len(journal.numbers("once")) == 1
+        assert sorted(journal.numbers("steady")) == list(range(20))
+        assert len(d.bus) == 1
+
+    def test_a_failing_once_subscription_is_retried_for_its_one_event(self, new, journal) -> None:
+        d = new(workers=2, max_retries=2, backoff=FAST)
+        d.bus.once("tick", journal.failing("once", times=1))
+        for n in range(5):
+            d.emit("tick", {"n": n})
+        assert d.join()
+        calls = journal.numbers("once")
+        if not self.retries:  # one attempt, for the first event; the failure is final
+            assert calls == [0] and len(d.bus.errors) == 1
+            return
+        assert len(calls) == 2 and len(set(calls)) == 1  # two attempts on the one event
+        assert not d.bus.errors and not d.bus.dead_letters  # type: ignore[attr-defined]
+
     def test_bad_input_is_refused_before_anything_is_queued(self, new, journal) -> None:
         d = new(workers=1)
         d.bus.subscribe("#", journal.listener("all"))
@@ -332,3 +369,88 @@ class TestAsyncBus(BusContract):
     def make(self, **options: Any) -> Driver:
         options.setdefault("backoff", FAST)
         return AsyncDriver(AsyncEventBus(**options))
+
+
+# -- the rule shared by _dispatch and _due ---------------------------------------------------
+def _prepared_bus(calls: list[str]) -> tuple[BaseEventBus, tuple[Subscription, ...]]:
+    """A bus and a snapshot of its matches for ``tick``, taken before two of them were
+    cancelled: active, cancelled, once, claimed (a once claimed by another caller)."""
+    bus = BaseEventBus()
+
+    def listener(tag: str) -> Any:
+        def call(event: Event) -> None:
+            calls.append(tag)
+
+        call.__qualname__ = tag
+        return call
+
+    bus.subscribe("tick", listener("active"))
+    cancelled = bus.subscribe("tick", listener("cancelled"))
+    bus.once("tick", listener("once"))
+    bus.once("tick", listener("claimed"))
+    subs = bus._match("tick")
+    bus.subscribe("tick", listener("late"))  # after the snapshot: not in it
+    cancelled.cancel()
+    assert bus._remove(subs[3])  # as another thread does when it claims a once-subscription
+    return bus, subs
+
+
+def test_due_selects_what_dispatch_calls_and_claims_the_same() -> None:
+    called: list[str] = []
+    dispatching, subs = _prepared_bus(called)
+    assert [s.callback.__qualname__ for s in subs] == ["active", "cancelled", "once", "claimed"]
+    assert dispatching._dispatch(Event.create("tick"), subs) == 0
+    selecting, snapshot = _prepared_bus([])
+    due = selecting._due(snapshot)
+    assert called == ["active", "once"]
+    assert [s.callback.__qualname__ for s in due] == called
+    for bus in (dispatching, selecting):  # the once-subscription was claimed: gone
+        assert [s.callback.__qualname__ for s in bus.subscriptions()] == ["active", "late"]
+        assert bus._due(bus._match("tick")) == bus.subscriptions("tick")
+
+
+def _race_for_a_once_subscription(threads: int) -> int:
+    """Half the threads select (``_due``), half dispatch; how many got the subscription."""
+    bus = BaseEventBus()
+    calls: list[int] = []
+    bus.once("tick", lambda event: calls.append(1))
+    subs = bus._match("tick")
+    start = threading.Barrier(threads)
+    claims: list[int] = []
+
+    def select() -> None:
+        start.wait(10)
+        claims.append(len(bus._due(subs)))
+
+    def dispatch() -> None:
+        start.wait(10)
+        bus._dispatch(Event.create("tick"), subs)
+
+    racers = [threading.Thread(target=select if i % 2 else dispatch) for i in range(threads)]
+    for t in racers:
+        t.start()
+    for t in racers:
+        t.join(10)
+    return sum(claims) + len(calls)
+
+
+def test_a_once_subscription_is_claimed_by_one_caller_across_threads() -> None:
+    assert [_race_for_a_once_subscription(8) for _ in range(20)] == [1] * 20
+
+
+def test_call_returns_a_listener_exception_and_lets_base_exceptions_through() -> None:
+    bus = BaseEventBus()
+    event = Event.create("tick")
+    error = ValueError("no")
+
+    def fails(event: Event) -> None:
+        raise error
+
+    def exits(event: Event) -> None:
+        raise SystemExit(3)
+
+    assert bus._call(event, bus.subscribe("tick", fails)) is error
+    assert bus._call(event, bus.subscribe("tick", lambda e: None)) is None
+    with pytest.raises(SystemExit):
+        bus._call(event, bus.subscribe("tick", exits))
+    assert not bus.errors  # the caller decides what a failure means
