@@ -23,7 +23,6 @@ Kafka runs a group coordinator on a broker; here the file system and the kernel 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import time
@@ -34,7 +33,7 @@ from typing import Any
 
 from common.events import InvalidEventError, dumps, loads
 from common.logger import get_logger
-from common.storage import atomic_write
+from common.storage import atomic_write, try_lock
 from level_4_hard.file_kafka.errors import FileKafkaError
 from level_4_hard.file_kafka.records import TopicPartition, ms_to_iso
 from level_4_hard.file_kafka.topic import groups_dir, validate_topic_name
@@ -61,16 +60,6 @@ def list_groups(data_dir: str | os.PathLike[str]) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _try_lock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-    return True
 
 
 class OffsetStore:
@@ -154,7 +143,7 @@ def live_members(data_dir: str | os.PathLike[str], group: str) -> dict[str, dict
         except FileNotFoundError:
             continue
         try:
-            if _try_lock(fd):  # nobody holds it: the member is gone
+            if try_lock(fd):  # nobody holds it: the member is gone
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                 with contextlib.suppress(FileNotFoundError):
@@ -182,7 +171,7 @@ def _remove_if_unlocked(path: Path) -> None:
     except FileNotFoundError:
         return
     try:
-        if _try_lock(fd):
+        if try_lock(fd):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
     finally:
@@ -262,7 +251,7 @@ class GroupMembership:
         lock_dir = self.dir / "partitions" / validate_topic_name(tp.topic)
         lock_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock_dir / f"{tp.partition}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        if not _try_lock(fd):
+        if not try_lock(fd):
             os.close(fd)
             return False
         self._owned[tp] = fd
