@@ -27,8 +27,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted(
-    {ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("level_*/**/README*.md")}
-    - {p for p in ROOT.glob("**/.venv/**")}
+    {
+        ROOT / "README.md",
+        *ROOT.glob("docs/*.md"),
+        *ROOT.glob("level_*/**/README*.md"),
+        *ROOT.glob("examples/*.md"),
+    }
 )
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```\s*$", re.S | re.M)
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
