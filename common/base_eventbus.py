@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 from common.events import Event, new_event
 from common.logger import get_logger
 from common.patterns import PatternIndex, validate_name, validate_pattern
+from common.speedups import speedups as _speedups
 
 __all__ = ["BaseEventBus", "Listener", "ListenerError", "Subscription"]
 
@@ -332,3 +333,17 @@ class BaseEventBus:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} subscriptions={len(self)} events={len(self.event_log)}>"
+
+
+# The C versions of emit, _deliver and _dispatch (common/_speedups.c), when the extension was
+# built and EDA_PURE_PYTHON is not set: the same semantics, with every rare path (metadata, a
+# name not yet matched, _remove, _listener_failed) still in the Python code above, which
+# stays the reference.
+_py_emit = BaseEventBus.emit
+_py_deliver = BaseEventBus._deliver
+_py_dispatch = BaseEventBus._dispatch
+if _speedups is not None:
+    _speedups.setup_bus(Subscription, deque, _py_emit)
+    BaseEventBus.emit = _speedups.emit  # type: ignore[method-assign]
+    BaseEventBus._deliver = _speedups.deliver  # type: ignore[method-assign]
+    BaseEventBus._dispatch = _speedups.dispatch  # type: ignore[method-assign]

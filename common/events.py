@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from common.patterns import validate_name, validated_names
+from common.speedups import speedups as _speedups
 
 __all__ = ["Event", "InvalidEventError", "dumps", "loads", "new_event"]
 
@@ -253,7 +254,7 @@ class Event:
         return self.to_json_bytes().decode()
 
     @classmethod
-    def from_dict(
+    def from_dict(  # replaced by the C version when it is built (end of module)
         cls,
         obj: Any,
         _known: Any = validated_names,
@@ -346,7 +347,7 @@ class Event:
 _new = object.__new__
 
 
-def new_event(
+def new_event(  # replaced by the C version when it is built (end of module)
     name: str,
     data: dict[str, Any] | None,
     _new: Any = object.__new__,
@@ -377,3 +378,14 @@ def _check_fields(data: Any, version: Any, corr: Any) -> None:
         raise InvalidEventError(f"'version' must be a positive integer, got {version!r}")
     if corr is not None and not isinstance(corr, str):
         raise InvalidEventError(f"'correlation_id' must be a string or null, got {corr!r}")
+
+
+# The C versions of the two hot constructors (common/_speedups.c), when the extension was
+# built and EDA_PURE_PYTHON is not set (common/speedups.py). The Python versions above stay
+# the reference, kept as ``_py_new_event`` and ``_py_from_dict``; tests hold both equal.
+_py_new_event = new_event
+_py_from_dict = Event.__dict__["from_dict"].__func__
+if _speedups is not None:
+    _speedups.setup(Event, _counter, validated_names)
+    new_event = _speedups.new_event
+    Event.from_dict = classmethod(_speedups.from_dict)  # type: ignore[method-assign,assignment]
