@@ -8,14 +8,15 @@
  * Python versions of both functions are kept there, are used when this module cannot be built
  * or EDA_PURE_PYTHON=1 is set, and tests hold the two equal (tests/test_speedups.py).
  *
+ * Event.from_json (the codec and from_dict in one call) is here for replay's sake.
  * The bus's delivery hook (BaseEventBus._deliver: breadth-first re-entrancy per thread) and its
  * dispatch loop (_dispatch: skip cancelled, claim once-subscriptions, isolate errors) are here
  * too, for the same reason: in Python their bookkeeping cost more than the Event itself. They
  * call back into the bus's Python methods for everything rare (_remove, _listener_failed), so
  * the semantics stay written once, in base_eventbus.py, where the reference versions live.
  *
- * events.py calls setup() once with the Event class, its id counter and the set of already
- * validated names; this module then writes the slots by their
+ * events.py calls setup() once with the Event class, its id counter, the set of already
+ * validated names, the codec's loads and the Python from_json; this module then writes the slots by their
  * offsets, which setup() reads from the class's own slot descriptors (so a renamed or removed
  * slot makes setup() fail loudly, and events.py falls back to Python).
  */
@@ -38,6 +39,8 @@ static const char *slot_names[N_SLOTS] = {
 static PyTypeObject *event_type;     /* common.events.Event */
 static PyObject *counter;            /* its itertools.count: ids stay unique with Python's */
 static PyObject *known_names;        /* set of names validated once (common.patterns) */
+static PyObject *json_loads;         /* orjson.loads, the codec events.py chose */
+static PyObject *py_from_json;       /* Event.from_json in Python: it reports bad input */
 static Py_ssize_t offsets[N_SLOTS];
 static PyObject *k_checked;          /* "_from_dict_checked": the thorough path, in Python */
 static PyObject *k_event, *k_id, *k_data, *k_timestamp, *k_version, *k_corr;
@@ -73,23 +76,47 @@ slot_offsets(PyObject *cls, const char **names, int n, Py_ssize_t *out)
     return 0;
 }
 
-/* setup(Event, counter, known_names) */
+/* setup(Event, counter, known_names, loads, python_from_json) */
 static PyObject *
 setup(PyObject *module, PyObject *args)
 {
-    PyObject *cls, *cnt, *known;
-    if (!PyArg_ParseTuple(args, "O!OO!:setup", &PyType_Type, &cls, &cnt, &PySet_Type, &known))
+    PyObject *cls, *cnt, *known, *loads, *reference;
+    if (!PyArg_ParseTuple(args, "O!OO!OO:setup", &PyType_Type, &cls, &cnt, &PySet_Type, &known,
+                          &loads, &reference))
         return NULL;
     Py_ssize_t found[N_SLOTS];
     if (slot_offsets(cls, slot_names, N_SLOTS, found) < 0)
         return NULL;
     memcpy(offsets, found, sizeof(offsets));
+    /* The public read-only fields as read-only members over the private slots: reading
+     * event.name costs a slot load instead of a call to a Python property (~8 vs ~40 ns),
+     * for every listener. Writing still raises AttributeError. */
+    static PyMemberDef fields[] = {
+        {"name", SLOT_TYPE, 0, READONLY, "what happened, e.g. 'order.created'"},
+        {"data", SLOT_TYPE, 0, READONLY, "the facts: a JSON object (treat it as read-only)"},
+        {"version", SLOT_TYPE, 0, READONLY, "the schema version of data"},
+        {"correlation_id", SLOT_TYPE, 0, READONLY, "ties the events of one process together"},
+    };
+    static const int field_slots[] = {S_NAME, S_DATA, S_VERSION, S_CORR};
+    for (int i = 0; i < 4; i++) {
+        fields[i].offset = found[field_slots[i]];
+        PyObject *descr = PyDescr_NewMember((PyTypeObject *)cls, &fields[i]);
+        if (descr == NULL || PyObject_SetAttrString(cls, fields[i].name, descr) < 0) {
+            Py_XDECREF(descr);
+            return NULL;
+        }
+        Py_DECREF(descr);
+    }
     Py_INCREF(cls);
     Py_XSETREF(event_type, (PyTypeObject *)cls);
     Py_INCREF(cnt);
     Py_XSETREF(counter, cnt);
     Py_INCREF(known);
     Py_XSETREF(known_names, known);
+    Py_INCREF(loads);
+    Py_XSETREF(json_loads, loads);
+    Py_INCREF(reference);
+    Py_XSETREF(py_from_json, reference);
     Py_RETURN_NONE;
 }
 
@@ -256,6 +283,33 @@ from_dict(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return event;
 thorough:
     return PyObject_CallMethodOneArg(args[0], k_checked, obj);
+}
+
+/* from_json(cls, text): Event.from_json, i.e. from_dict(loads(text)) without the two Python
+ * calls between them. Text the codec rejects goes to the Python version, which raises the
+ * InvalidEventError that says what is wrong. */
+static PyObject *
+from_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "from_json(cls, text) takes 2 arguments");
+        return NULL;
+    }
+    if (event_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "common._speedups.setup() was not called");
+        return NULL;
+    }
+    PyObject *obj = PyObject_CallOneArg(json_loads, args[1]);
+    if (obj == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            return NULL;
+        PyErr_Clear();
+        return PyObject_Vectorcall(py_from_json, args, 2, NULL);
+    }
+    PyObject *pair[2] = {args[0], obj};
+    PyObject *event = from_dict(module, pair, 2);
+    Py_DECREF(obj);
+    return event;
 }
 
 /* ---- the bus: BaseEventBus._dispatch and _deliver ----------------------------------- */
@@ -576,6 +630,8 @@ static PyMethodDef methods[] = {
      "new_event(name, data) -> Event"},
     {"from_dict", (PyCFunction)(void (*)(void))from_dict, METH_FASTCALL,
      "from_dict(cls, obj) -> Event"},
+    {"from_json", (PyCFunction)(void (*)(void))from_json, METH_FASTCALL,
+     "from_json(cls, text) -> Event"},
     {"setup_bus", setup_bus, METH_VARARGS, "setup_bus(Subscription, deque)"},
     {NULL, NULL, 0, NULL},
 };

@@ -339,7 +339,9 @@ class Event:
         return event
 
     @classmethod
-    def from_json(cls, text: str | bytes | bytearray | memoryview) -> Event:
+    def from_json(  # replaced by the C version when it is built (end of module)
+        cls, text: str | bytes | bytearray | memoryview
+    ) -> Event:
         """Parse one wire line; raises InvalidEventError naming what is wrong."""
         return cls.from_dict(loads(text))
 
@@ -380,12 +382,15 @@ def _check_fields(data: Any, version: Any, corr: Any) -> None:
         raise InvalidEventError(f"'correlation_id' must be a string or null, got {corr!r}")
 
 
-# The C versions of the two hot constructors (common/_speedups.c), when the extension was
+# The C versions of the hot constructors (common/_speedups.c), when the extension was
 # built and EDA_PURE_PYTHON is not set (common/speedups.py). The Python versions above stay
-# the reference, kept as ``_py_new_event`` and ``_py_from_dict``; tests hold both equal.
+# the reference, kept as ``_py_new_event``, ``_py_from_dict`` and ``_py_from_json``; tests
+# hold both equal.
 _py_new_event = new_event
 _py_from_dict = Event.__dict__["from_dict"].__func__
+_py_from_json = Event.__dict__["from_json"].__func__
 if _speedups is not None:
-    _speedups.setup(Event, _counter, validated_names)
+    _speedups.setup(Event, _counter, validated_names, orjson.loads, _py_from_json)
     new_event = _speedups.new_event
     Event.from_dict = classmethod(_speedups.from_dict)  # type: ignore[method-assign,assignment]
+    Event.from_json = classmethod(_speedups.from_json)  # type: ignore[method-assign,assignment]

@@ -260,18 +260,53 @@ class LineReader:
         number = self.first_line - 1
         position = self.offset
         try:
-            with open(self.path, "rb", buffering=1 << 20) as fh:
-                fh.seek(self.offset)
-                for raw in fh:
-                    if raw[-1] != 10:  # no b"\n": the last line, torn
-                        self.torn_tail = raw
-                        break
+            for batch in self._batches():
+                for line in batch:
                     number += 1
-                    position += len(raw)
+                    position += len(line) + 1
                     self.position = position  # read while iterating (followers, snapshots)
-                    yield number, raw[:-1]
+                    yield number, line
         finally:
             self.lines_read = number - self.first_line + 1
+
+    def batches(self, size: int = 1 << 18) -> Iterator[list[bytes]]:
+        """The same lines, a list at a time (about ``size`` bytes each), for hot loops.
+
+        A loop over a list costs a fraction of a generator step per line. ``position`` and
+        ``lines_read`` are those after the whole batch: a caller that needs each line's offset
+        adds ``len(line) + 1`` as it goes.
+        """
+        position = self.offset
+        lines_read = 0
+        for batch in self._batches(size):
+            lines_read += len(batch)
+            position += sum(map(len, batch)) + len(batch)
+            self.position = position
+            self.lines_read = lines_read
+            yield batch
+
+    def _batches(self, size: int = 1 << 18) -> Iterator[list[bytes]]:
+        # Read big blocks and split them in C; the piece after the last newline waits for the
+        # next block. At the end of the file a piece without its newline is a torn tail:
+        # reported, never yielded (its writer may still be finishing it).
+        with open(self.path, "rb", buffering=0) as fh:
+            fh.seek(self.offset)
+            partial: list[bytes] = []
+            while block := fh.read(size):
+                lines = block.split(b"\n")
+                if len(lines) == 1:  # no newline in the whole block: one long line
+                    partial.append(block)
+                    continue
+                if partial:
+                    partial.append(lines[0])
+                    lines[0] = b"".join(partial)
+                    partial.clear()
+                tail = lines.pop()
+                if tail:
+                    partial.append(tail)
+                yield lines
+            if partial:
+                self.torn_tail = b"".join(partial)
 
 
 def try_lock(fd: int) -> bool:

@@ -186,6 +186,67 @@ def test_events_emitted_by_listeners_during_replay_are_new_and_replay_ends(
         assert len(lines_of(log_path)) == 6  # hence listeners with side effects check replaying
 
 
+def test_events_emitted_during_replay_run_right_after_their_cause(tmp_path: Path) -> None:
+    """Breadth first, as for a live emit: a follow-up event is dispatched after the listeners
+    of the replayed event that caused it, before the next replayed line."""
+    log_path = tmp_path / "events.log"
+    with ReplayableEventBus(log_path) as bus:
+        for i in range(3):
+            bus.emit("order.created", {"id": i})
+        seen: list[str] = []
+
+        def on_created(event: Event) -> None:
+            seen.append(f"created {event.data['id']}")
+            bus.emit("order.audited", {"id": event.data["id"]})
+            seen.append(f"after emit {event.data['id']}")  # the follow-up has not run yet
+
+        bus.subscribe("order.created", on_created)
+        bus.subscribe("order.audited", lambda e: seen.append(f"audited {e.data['id']}"))
+        assert bus.replay_from_file() == 3
+    assert seen == [
+        part for i in range(3) for part in (f"created {i}", f"after emit {i}", f"audited {i}")
+    ]
+    assert bus._busy == {}  # the replaying thread is no longer marked as dispatching
+
+
+def test_a_variant_delivery_hook_receives_every_replayed_event(tmp_path: Path) -> None:
+    log_path = tmp_path / "events.log"
+    delivered: list[int] = []
+
+    class Recording(ReplayableEventBus):
+        def _deliver(self, event: Event, subscriptions: tuple) -> None:
+            delivered.append(event.data["n"])
+            super()._deliver(event, subscriptions)
+
+    with Recording(log_path) as bus:
+        for n in range(5):
+            bus.emit("tick.done", {"n": n})
+        delivered.clear()
+        got: list[int] = []
+        bus.subscribe("tick.*", lambda e: got.append(e.data["n"]))
+        assert bus.replay_from_file() == 5
+    assert delivered == got == list(range(5))
+
+
+def test_an_interrupted_replay_leaves_the_bus_usable(tmp_path: Path) -> None:
+    log_path = tmp_path / "events.log"
+    with ReplayableEventBus(log_path) as bus:
+        bus.emit("a.b", {})
+        bus.emit("a.b", {})
+
+        def interrupt(event: Event) -> None:
+            if bus.replaying:
+                raise KeyboardInterrupt
+
+        bus.subscribe("a.b", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            bus.replay_from_file()
+        assert bus._busy == {} and not bus.replaying
+        assert bus.replay_stats is not None and bus.replay_stats.replayed == 1
+        bus.emit("a.b", {})  # dispatches normally again
+        assert len(bus.event_log) == 3
+
+
 def test_replay_inside_a_listener_is_refused(tmp_path: Path) -> None:
     log_path = tmp_path / "events.log"
     with ReplayableEventBus(log_path) as bus:

@@ -285,7 +285,7 @@ def test_the_core_suite_passes_in_pure_python() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
          "tests/test_events.py", "tests/test_eventbus.py", "tests/test_speedups.py",
-         "tests/test_bus_contract.py", "-k", "not pure_python"],
+         "tests/test_bus_contract.py", "tests/test_replay.py", "-k", "not pure_python"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]

@@ -88,6 +88,33 @@ def test_line_reader_streams_lines_and_reports_a_torn_tail(tmp_path: Path) -> No
     assert list(resumed) == [(2, b"bb")]
 
 
+@pytest.mark.parametrize("size", [1, 3, 7, 1 << 18])
+def test_line_reader_batches_give_the_same_lines(tmp_path: Path, size: int) -> None:
+    """Blocks smaller than a line, a line split across blocks, and a torn tail."""
+    path = tmp_path / "log.jsonl"
+    lines = [b"a", b"", b"bbbbbbbbbbbbbbbbbbbb", b"cc", b"d" * 50]
+    path.write_bytes(b"".join(line + b"\n" for line in lines) + b"torn")
+    reader = LineReader(path)
+    got = [line for batch in reader.batches(size) for line in batch]
+    assert got == lines
+    assert reader.torn_tail == b"torn"
+    assert reader.position == path.stat().st_size - 4 and reader.lines_read == 5
+    # from a line boundary, and the per-line iterator agrees
+    resumed = LineReader(path, offset=2, first_line=2)
+    assert [line for batch in resumed.batches(size) for line in batch] == lines[1:]
+    assert [line for _, line in LineReader(path, offset=2)] == lines[1:]
+
+
+def test_line_reader_batches_of_an_empty_or_torn_only_file(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(b"")
+    assert list(LineReader(path).batches()) == []
+    path.write_bytes(b"no newline yet")
+    reader = LineReader(path)
+    assert list(reader.batches()) == []
+    assert reader.torn_tail == b"no newline yet" and reader.position == 0
+
+
 def test_line_reader_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no such log file"):
         LineReader(tmp_path / "missing.log")

@@ -38,6 +38,7 @@ It streams: memory does not grow with the size of the file.
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -45,8 +46,8 @@ from pathlib import Path
 from threading import get_ident
 from typing import Any, NamedTuple
 
-from common.base_eventbus import Subscription
-from common.events import Event, InvalidEventError, loads
+from common.base_eventbus import BaseEventBus, Subscription
+from common.events import Event, InvalidEventError
 from common.logger import get_logger
 from common.patterns import matches, validate_name, validate_pattern
 from common.storage import LineReader
@@ -259,11 +260,24 @@ class ReplayableEventBus(EventBus):
         if self._repair_unreported and _same_file(source, self.log_path):
             stats.repaired_bytes, self._repair_unreported = self._repair_unreported, 0
         self._replays[tid] = stats
-        lines = iter(reader)
+        batches = reader.batches()
         try:
-            self._replay_lines(lines, reader, stats, end, pattern, since_ns, until_ns)
+            if type(self)._deliver is BaseEventBus._deliver:
+                # This thread dispatches for the whole replay: what listeners emit meanwhile
+                # is queued (by _deliver, as for any emit inside a dispatch) and dispatched by
+                # the loop right after the event that caused it -- the same order a _deliver
+                # per event gives, without its bookkeeping per event.
+                pending: deque[tuple[Event, tuple[Subscription, ...]]] = deque()
+                self._busy[tid] = pending
+                dispatch: Callable[[Event, tuple[Subscription, ...]], object] = self._dispatch
+            else:  # a variant's delivery (a queue, a loop): each event goes through it
+                pending, dispatch = deque(), self._deliver
+            self._replay_lines(
+                batches, reader, stats, end, pattern, since_ns, until_ns, dispatch, pending
+            )
         finally:
-            lines.close()  # closes the file now, also when a listener or upcaster raised
+            batches.close()  # closes the file now, also when a listener or upcaster raised
+            self._busy.pop(tid, None)
             del self._replays[tid]
             self.replay_stats = stats
             _report(stats)
@@ -271,66 +285,71 @@ class ReplayableEventBus(EventBus):
 
     def _replay_lines(
         self,
-        lines: Iterator[tuple[int, bytes]],
+        batches: Iterator[list[bytes]],
         reader: LineReader,
         stats: ReplayStats,
         end: int,
         pattern: str,
         since_ns: int | None,
         until_ns: int | None,
+        dispatch: Callable[[Event, tuple[Subscription, ...]], object],
+        pending: deque[tuple[Event, tuple[Subscription, ...]]],
     ) -> None:
-        # The hot loop: everything it needs is a local. Per line it parses, validates (the one
-        # validation, Event.from_dict), filters, upcasts when needed and delivers.
-        from_dict = Event.from_dict
-        deliver = self._deliver
+        # The hot loop: everything it needs is a local, and the lines come a block at a time
+        # (a list loop, not a generator step per line). Per line it parses and validates (the
+        # one validation, Event.from_json), filters, upcasts when needed and delivers.
+        from_json = Event.from_json
         schema = self._schema
         wanted = _name_filter(pattern)
+        filtering = wanted is not None or since_ns is not None or until_ns is not None
         offset, number = stats.start
         replayed = filtered = upcasted = 0
         try:
-            for number, line in lines:
-                offset = reader.position
-                if offset > end:  # a line completed after the replay began: left for later
-                    number -= 1
-                    offset -= len(line) + 1
-                    break
-                try:
-                    event = from_dict(loads(line))
-                except InvalidEventError as exc:
-                    stats.corrupt += 1
-                    if stats.corrupt <= _WARN_LINES:
-                        stats.corrupt_lines.append(number)
-                        log.warning(
-                            "%s line %d: skipped a corrupt event: %s", stats.path, number, exc
-                        )
-                    continue
-                name = event.name
-                if (
-                    (wanted is not None and not wanted(name))
-                    or (since_ns is not None and event.timestamp_ns < since_ns)
-                    or (until_ns is not None and event.timestamp_ns > until_ns)
-                ):
-                    filtered += 1
-                    continue
-                if schema and event.version < schema.get(name, 1):
-                    try:
-                        event = self.upcast(event)
-                    except UpcastError as exc:
-                        message = f"{stats.path} line {number}: {exc}"
-                        number -= 1  # stop before the line that could not be upgraded
+            for batch in batches:
+                for line in batch:
+                    offset += len(line) + 1
+                    if offset > end:  # a line completed after the replay began
                         offset -= len(line) + 1
-                        raise UpcastError(message) from exc
-                    upcasted += 1
-                subs = self._matches.get(name)
-                if subs is None:
-                    subs = self._match(name)
-                stats.current_offset = offset
-                stats.current_line = number
-                replayed += 1
-                deliver(event, subs)
-            else:
-                if reader.torn_tail is not None:
-                    stats.torn_tail_bytes = len(reader.torn_tail)
+                        return  # left for the next replay
+                    number += 1
+                    try:
+                        event = from_json(line)
+                    except InvalidEventError as exc:
+                        stats.corrupt += 1
+                        if stats.corrupt <= _WARN_LINES:
+                            stats.corrupt_lines.append(number)
+                            log.warning(
+                                "%s line %d: skipped a corrupt event: %s", stats.path, number, exc
+                            )
+                        continue
+                    name = event.name
+                    if filtering and (
+                        (wanted is not None and not wanted(name))
+                        or (since_ns is not None and event.timestamp_ns < since_ns)
+                        or (until_ns is not None and event.timestamp_ns > until_ns)
+                    ):
+                        filtered += 1
+                        continue
+                    if schema and event.version < schema.get(name, 1):
+                        try:
+                            event = self.upcast(event)
+                        except UpcastError as exc:
+                            message = f"{stats.path} line {number}: {exc}"
+                            number -= 1  # stop before the line that could not be upgraded
+                            offset -= len(line) + 1
+                            raise UpcastError(message) from exc
+                        upcasted += 1
+                    subs = self._matches.get(name)
+                    if subs is None:
+                        subs = self._match(name)
+                    stats.current_offset = offset
+                    stats.current_line = number
+                    replayed += 1
+                    dispatch(event, subs)
+                    while pending:  # what the listeners emitted, breadth first
+                        dispatch(*pending.popleft())
+            if reader.torn_tail is not None:
+                stats.torn_tail_bytes = len(reader.torn_tail)
         finally:
             stats.position = LogPosition(offset, number)
             stats.lines = number - stats.start.line
