@@ -48,6 +48,24 @@ static PyObject *int_zero, *int_one;
 
 #define SET_SLOT(obj, slot, value) (*(PyObject **)((char *)(obj) + offsets[slot]) = (value))
 
+/* What every entry point checks first: its number of arguments, and that its setup ran.
+ * Non-zero (with the exception set) when the call cannot go on. */
+static int
+bad_call(Py_ssize_t nargs, Py_ssize_t expected, const char *signature, const void *configured,
+         const char *setup_name)
+{
+    if (nargs != expected) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd arguments, got %zd", signature, expected,
+                     nargs);
+        return 1;
+    }
+    if (configured == NULL) {
+        PyErr_Format(PyExc_RuntimeError, "common._speedups.%s() was not called", setup_name);
+        return 1;
+    }
+    return 0;
+}
+
 static PyObject *
 alloc_event(void)
 {
@@ -124,14 +142,8 @@ setup(PyObject *module, PyObject *args)
 static PyObject *
 new_event(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "new_event(name, data) takes 2 arguments");
+    if (bad_call(nargs, 2, "new_event(name, data)", event_type, "setup"))
         return NULL;
-    }
-    if (event_type == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "common._speedups.setup() was not called");
-        return NULL;
-    }
     struct timespec now;
     if (clock_gettime(CLOCK_REALTIME, &now) != 0)
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -212,15 +224,9 @@ is_canonical_timestamp(PyObject *text)
 static PyObject *
 from_dict(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "from_dict(cls, obj) takes 2 arguments");
+    if (bad_call(nargs, 2, "from_dict(cls, obj)", event_type, "setup"))
         return NULL;
-    }
     PyObject *obj = args[1];
-    if (event_type == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "common._speedups.setup() was not called");
-        return NULL;
-    }
     if (args[0] != (PyObject *)event_type || !PyDict_CheckExact(obj))
         goto thorough;
     PyObject *name = PyDict_GetItemWithError(obj, k_event);
@@ -291,14 +297,8 @@ thorough:
 static PyObject *
 from_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "from_json(cls, text) takes 2 arguments");
+    if (bad_call(nargs, 2, "from_json(cls, text)", event_type, "setup"))
         return NULL;
-    }
-    if (event_type == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "common._speedups.setup() was not called");
-        return NULL;
-    }
     PyObject *obj = PyObject_CallOneArg(json_loads, args[1]);
     if (obj == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_Exception))
@@ -451,14 +451,8 @@ error:
 static PyObject *
 dispatch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "_dispatch(event, subscriptions) takes 2 arguments");
+    if (bad_call(nargs, 3, "_dispatch(self, event, subscriptions)", subscription_type, "setup_bus"))
         return NULL;
-    }
-    if (subscription_type == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "common._speedups.setup_bus() was not called");
-        return NULL;
-    }
     Py_ssize_t failures = dispatch_loop(args[0], args[1], args[2]);
     return failures < 0 ? NULL : PyLong_FromSsize_t(failures);
 }
@@ -468,14 +462,8 @@ dispatch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 deliver(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "_deliver(event, subscriptions) takes 2 arguments");
+    if (bad_call(nargs, 3, "_deliver(self, event, subscriptions)", subscription_type, "setup_bus"))
         return NULL;
-    }
-    if (subscription_type == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "common._speedups.setup_bus() was not called");
-        return NULL;
-    }
     PyObject *bus = args[0], *event = args[1], *subscriptions = args[2];
     PyObject *busy = PyObject_GetAttr(bus, k_busy);
     if (busy == NULL)

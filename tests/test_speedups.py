@@ -13,7 +13,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -251,26 +250,6 @@ def test_unusual_emits_take_the_python_path_with_its_checks() -> None:
     with pytest.raises(TypeError):
         bus.emit("a.b", {}, unknown=1)
     assert [e.version for e in bus.event_log] == [2]
-
-
-def test_once_fires_exactly_once_across_threads() -> None:
-    bus = EventBus()
-    fired: list[int] = []
-    bus.subscribe("a.b", lambda e: fired.append(1), once=True)
-    bus.emit("a.other")  # (a name with no listener)
-    start = threading.Barrier(8)
-
-    def racer() -> None:
-        start.wait()
-        for _ in range(200):
-            bus.emit("a.b")
-
-    threads = [threading.Thread(target=racer) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert fired == [1]
 
 
 # -- the fallback ---------------------------------------------------------------------------
