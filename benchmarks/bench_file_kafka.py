@@ -15,6 +15,7 @@ Every result is a ratio to a floor or a peer measured in the same run, on the sa
 
     python -m benchmarks.bench_file_kafka            # full run, under 3 minutes
     python -m benchmarks.bench_file_kafka --quick    # a smoke run of a few seconds
+    python -m benchmarks.bench_file_kafka --only multi --repeats 10   # one section
 """
 
 from __future__ import annotations
@@ -226,6 +227,9 @@ def redis_streams(n: int) -> tuple[float, float] | None:
 
 
 # -- the run -----------------------------------------------------------------------------------
+SECTIONS = ("producer", "consumer", "seek", "multi", "redis")
+
+
 def best_of(repeats: int, runs: dict[str, Callable[[int], float]]) -> dict[str, float]:
     """Run each measurement ``repeats`` times, interleaved; keep the best of each."""
     best: dict[str, float] = {}
@@ -247,13 +251,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: tmp)")
     parser.add_argument("--no-redis", action="store_true")
+    parser.add_argument(
+        "--only",
+        choices=SECTIONS,
+        action="append",
+        help="run only this section (repeatable); the Redis rows need 'producer' and 'consumer'",
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="best of this many runs")
     args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     quick = args.quick
+    sections = set(args.only or SECTIONS)
     n = 20_000 if quick else 200_000
     n_fsync = 200 if quick else 2_000
     seek_n = 50_000 if quick else 1_000_000
     per_proc = 5_000 if quick else 50_000
-    repeats = 1 if quick else 5
+    repeats = args.repeats or (1 if quick else 5)
     rows: list[tuple[str, str, str, str, str]] = []
 
     def row(name: str, value: str, ref: str, ratio: float, target: str = "") -> None:
@@ -266,157 +280,171 @@ def main(argv: list[str] | None = None) -> int:
         shown = f"{ratio:.3f}" if ratio < 1 else f"{ratio:.2f}" if ratio < 100 else f"{ratio:,.0f}"
         rows.append((name, value, ref, shown + "x", target + met))
 
+    prod: dict[str, float] = {}
+    cons: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-file-kafka-", dir=args.dir) as tmp:
         base = Path(tmp)
         kd = base / "kafka"
         floor_file = base / "floor.log"
 
-        # 1. producers per durability mode, interleaved with their floors
-        def mode(name: str, count: int) -> Callable[[int], float]:
-            return lambda r: produce(kd, f"p-{name}-{r}", count, name)
+        if "producer" in sections:
+            # 1. producers per durability mode, interleaved with their floors
+            def mode(name: str, count: int) -> Callable[[int], float]:
+                return lambda r: produce(kd, f"p-{name}-{r}", count, name)
 
-        prod = best_of(
-            repeats,
-            {
-                "floor": lambda r: floor_write(floor_file, n),
-                "none": mode("none", n),
-                "flush": mode("flush", n),
-                "floor_fsync1000": lambda r: floor_write(floor_file, n, fsync_every=1000),
-                "batch": mode("batch", n),
-                "floor_fsync1": lambda r: floor_write(floor_file, n_fsync, fsync_every=1),
-                "fsync": mode("fsync", n_fsync),
-                "send_many": lambda r: produce_many(kd, f"p-many-{r}", n),
-            },
-        )
-        fl, f1000, f1 = prod["floor"], prod["floor_fsync1000"], prod["floor_fsync1"]
-        for name, ours, floor_name, floor, target in [
-            ("send(), durability none", "none", "floor", fl, ""),
-            ("send(), durability flush", "flush", "floor", fl, ">=0.3x"),
-            ("send_many(500), flush", "send_many", "floor", fl, ""),
-            ("send(), durability batch", "batch", "floor fsync/1000", f1000, ""),
-            ("send(), durability fsync", "fsync", "floor fsync/record", f1, ""),
-        ]:
-            value = prod[ours]
+            prod = best_of(
+                repeats,
+                {
+                    "floor": lambda r: floor_write(floor_file, n),
+                    "none": mode("none", n),
+                    "flush": mode("flush", n),
+                    "floor_fsync1000": lambda r: floor_write(floor_file, n, fsync_every=1000),
+                    "batch": mode("batch", n),
+                    "floor_fsync1": lambda r: floor_write(floor_file, n_fsync, fsync_every=1),
+                    "fsync": mode("fsync", n_fsync),
+                    "send_many": lambda r: produce_many(kd, f"p-many-{r}", n),
+                },
+            )
+            fl, f1000, f1 = prod["floor"], prod["floor_fsync1000"], prod["floor_fsync1"]
+            for name, ours, floor_name, floor, target in [
+                ("send(), durability none", "none", "floor", fl, ""),
+                ("send(), durability flush", "flush", "floor", fl, ">=0.3x"),
+                ("send_many(500), flush", "send_many", "floor", fl, ""),
+                ("send(), durability batch", "batch", "floor fsync/1000", f1000, ""),
+                ("send(), durability fsync", "fsync", "floor fsync/record", f1, ""),
+            ]:
+                value = prod[ours]
+                row(
+                    f"producer {name}",
+                    fmt_rate(value),
+                    f"{floor_name} {fmt_rate(floor)}",
+                    value / floor,
+                    target,
+                )
+
+        if "consumer" in sections:
+            # 2. consumer
+            with Producer(kd) as producer:
+                for _ in range(0, n, 1000):
+                    producer.send_many("read", VALUES, KEYS)
+            files = segment_files(kd, "read")
+            cons = best_of(
+                repeats,
+                {
+                    "floor": lambda r: floor_read(files),
+                    "poll": lambda r: consume(kd, "read", n),
+                },
+            )
             row(
-                f"producer {name}",
-                fmt_rate(value),
-                f"{floor_name} {fmt_rate(floor)}",
-                value / floor,
-                target,
+                "consumer poll(500)",
+                fmt_rate(cons["poll"]),
+                f"floor {fmt_rate(cons['floor'])}",
+                cons["poll"] / cons["floor"],
+                ">=0.5x",
             )
 
-        # 2. consumer
-        with Producer(kd) as producer:
-            for _ in range(0, n, 1000):
-                producer.send_many("read", VALUES, KEYS)
-        files = segment_files(kd, "read")
-        cons = best_of(
-            repeats,
-            {
-                "floor": lambda r: floor_read(files),
-                "poll": lambda r: consume(kd, "read", n),
-            },
-        )
-        row(
-            "consumer poll(500)",
-            fmt_rate(cons["poll"]),
-            f"floor {fmt_rate(cons['floor'])}",
-            cons["poll"] / cons["floor"],
-            ">=0.5x",
-        )
-
-        # 3. seek in a big partition (generated once)
-        Admin(kd).create_topic("seek", 1)
-        with Producer(kd) as producer:
-            for _ in range(seek_n // 1000):
-                producer.send_many("seek", VALUES, KEYS)
-        with Consumer(None, data_dir=kd, auto_offset_reset="earliest") as consumer:
-            consumer.subscribe("seek")
-            spots = {"start": 0, "middle": seek_n // 2, "end": seek_n - 1}
-            seek: dict[str, float] = {}
-            for _ in range(repeats):
-                for name, offset in spots.items():
-                    cost = seek_cost(consumer, offset, 50 if quick else 200)
-                    seek[name] = min(seek.get(name, 1e9), cost)
-        scan = scan_to(segment_files(kd, "seek"), seek_n // 2)
-        segments = len(segment_files(kd, "seek"))
-        for name in ("middle", "end"):
+        if "seek" in sections:
+            # 3. seek in a big partition (generated once)
+            Admin(kd).create_topic("seek", 1)
+            with Producer(kd) as producer:
+                for _ in range(seek_n // 1000):
+                    producer.send_many("seek", VALUES, KEYS)
+            with Consumer(None, data_dir=kd, auto_offset_reset="earliest") as consumer:
+                consumer.subscribe("seek")
+                spots = {"start": 0, "middle": seek_n // 2, "end": seek_n - 1}
+                seek: dict[str, float] = {}
+                for _ in range(repeats):
+                    for name, offset in spots.items():
+                        cost = seek_cost(consumer, offset, 50 if quick else 200)
+                        seek[name] = min(seek.get(name, 1e9), cost)
+            scan = scan_to(segment_files(kd, "seek"), seek_n // 2)
+            segments = len(segment_files(kd, "seek"))
+            for name in ("middle", "end"):
+                row(
+                    f"seek+poll at the {name} of {seek_n:,} records ({segments} segments)",
+                    f"{seek[name] * 1e6:.0f} µs",
+                    f"seek at 0: {seek['start'] * 1e6:.0f} µs",
+                    seek[name] / seek["start"],
+                    "<=2x" if name == "end" else "",
+                )
             row(
-                f"seek+poll at the {name} of {seek_n:,} records ({segments} segments)",
-                f"{seek[name] * 1e6:.0f} µs",
-                f"seek at 0: {seek['start'] * 1e6:.0f} µs",
-                seek[name] / seek["start"],
-                "<=2x" if name == "end" else "",
-            )
-        row(
-            "scan from the file start to the middle (no index)",
-            f"{scan * 1e3:.0f} ms",
-            f"seek at the middle: {seek['middle'] * 1e6:.0f} µs",
-            scan / seek["middle"],
-        )
-
-        # 4. four producer processes against one
-        def procs(count: int, **kw: Any) -> Callable[[int], float]:
-            label = "".join(f"-{k}{v}" for k, v in kw.items())
-            return lambda r: producer_processes(
-                kd, f"mp{count}{label}-{r}", count, total // count, **kw
+                "scan from the file start to the middle (no index)",
+                f"{scan * 1e3:.0f} ms",
+                f"seek at the middle: {seek['middle'] * 1e6:.0f} µs",
+                scan / seek["middle"],
             )
 
-        total = per_proc * 4
-        # Parallel speed-ups suffer most from other work on the machine: more repeats.
-        multi = best_of(
-            repeats if quick else 2 * repeats,
-            {
-                "one": procs(1),
-                "four": procs(4),
-                "four_separate": procs(4, separate=True),
-                "one_batch": procs(1, batch=100),
-                "four_batch": procs(4, batch=100),
-            },
-        )
-        one = multi["one"]
-        row(
-            "4 producer processes, one topic (send, flush)",
-            fmt_rate(multi["four"]),
-            f"1 process {fmt_rate(one)}",
-            multi["four"] / one,
-            ">=1.5x",
-        )
-        row(
-            "4 producer processes, 4 topics (no shared lock)",
-            fmt_rate(multi["four_separate"]),
-            f"1 process {fmt_rate(one)}",
-            multi["four_separate"] / one,
-        )
-        row(
-            "4 producer processes, one topic, send_many(100)",
-            fmt_rate(multi["four_batch"]),
-            f"1 process {fmt_rate(multi['one_batch'])}",
-            multi["four_batch"] / multi["one_batch"],
-        )
+        if "multi" in sections:
+            # 4. four producer processes against one
+            def procs(count: int, **kw: Any) -> Callable[[int], float]:
+                label = "".join(f"-{k}{v}" for k, v in kw.items())
+                return lambda r: producer_processes(
+                    kd, f"mp{count}{label}-{r}", count, total // count, **kw
+                )
 
-    # 5. Redis Streams, the real-engine reference
-    reference = None if args.no_redis else redis_streams(5_000 if quick else 50_000)
-    if reference is None:
-        rows.append(("Redis Streams reference", "skipped", "no Redis at REDIS_URL", "-", ""))
-    else:
-        xadd, xread = reference
-        row(
-            "producer send() flush vs Redis XADD (pipelined 100)",
-            fmt_rate(prod["flush"]),
-            f"Redis {fmt_rate(xadd)}",
-            prod["flush"] / xadd,
-        )
-        row(
-            "consumer poll() vs Redis XREADGROUP+XACK (100)",
-            fmt_rate(cons["poll"]),
-            f"Redis {fmt_rate(xread)}",
-            cons["poll"] / xread,
-        )
+            total = per_proc * 4
+            # Parallel speed-ups suffer most from other work on the machine: more repeats.
+            multi = best_of(
+                args.repeats or (repeats if quick else 2 * repeats),
+                {
+                    "one": procs(1),
+                    "four": procs(4),
+                    "four_separate": procs(4, separate=True),
+                    "one_batch": procs(1, batch=100),
+                    "four_batch": procs(4, batch=100),
+                },
+            )
+            one = multi["one"]
+            row(
+                "4 producer processes, one topic (send, flush)",
+                fmt_rate(multi["four"]),
+                f"1 process {fmt_rate(one)}",
+                multi["four"] / one,
+                ">=1.5x",
+            )
+            row(
+                "4 producer processes, 4 topics (no shared lock)",
+                fmt_rate(multi["four_separate"]),
+                f"1 process {fmt_rate(one)}",
+                multi["four_separate"] / one,
+            )
+            row(
+                "4 producer processes, one topic, send_many(100)",
+                fmt_rate(multi["four_batch"]),
+                f"1 process {fmt_rate(multi['one_batch'])}",
+                multi["four_batch"] / multi["one_batch"],
+            )
+
+    if "redis" in sections:
+        # 5. Redis Streams, the real-engine reference
+        reference = None if args.no_redis else redis_streams(5_000 if quick else 50_000)
+        if reference is None:
+            rows.append(("Redis Streams reference", "skipped", "no Redis at REDIS_URL", "-", ""))
+        else:
+            xadd, xread = reference
+            if not prod and not cons:  # --only redis: the reference alone
+                rows.append(("Redis XADD (pipelined 100)", fmt_rate(xadd), "-", "-", ""))
+                rows.append(("Redis XREADGROUP+XACK (100)", fmt_rate(xread), "-", "-", ""))
+            if "flush" in prod:
+                row(
+                    "producer send() flush vs Redis XADD (pipelined 100)",
+                    fmt_rate(prod["flush"]),
+                    f"Redis {fmt_rate(xadd)}",
+                    prod["flush"] / xadd,
+                )
+            if "poll" in cons:
+                row(
+                    "consumer poll() vs Redis XREADGROUP+XACK (100)",
+                    fmt_rate(cons["poll"]),
+                    f"Redis {fmt_rate(xread)}",
+                    cons["poll"] / xread,
+                )
 
     print(
         f"file-Kafka, {'quick' if quick else 'full'} run ({n:,} records per producer run, "
-        f"best of {repeats}, interleaved)"
+        f"best of {repeats}, interleaved"
+        + ("" if args.only is None else f"; only {', '.join(sorted(sections))}")
+        + ")"
         + (": a smoke test, too short to judge the targets" if quick else "")
         + "\n"
     )
