@@ -3,10 +3,10 @@
  * Why: creating an Event is on the path of every emit, and validating one is on the path of
  * every replayed line. In Python each costs about 150 and 550 ns (an object allocation, eight
  * slot stores, a clock read and a counter; six dict lookups, type checks and a timestamp
- * parse); here about 40 and 90 ns. Everything else about Event -- the class, its slots, its
- * properties, the wire format -- stays in events.py, which remains the reference: the pure
- * Python versions of both functions are kept there, are used when this module cannot be built
- * or EDA_PURE_PYTHON=1 is set, and tests hold the two equal (tests/test_speedups.py).
+ * parse); here about 40 and 120 ns. Everything else about Event -- the class, its slots, the
+ * wire format -- stays in events.py, which remains the reference: the pure Python versions
+ * are kept there, are used when this module cannot be built or EDA_PURE_PYTHON=1 is set, and
+ * tests hold the two equal (tests/test_speedups.py).
  *
  * Event.from_json (the codec and from_dict in one call) is here for replay's sake.
  * The bus's delivery hook (BaseEventBus._deliver: breadth-first re-entrancy per thread) and its
@@ -16,9 +16,10 @@
  * the semantics stay written once, in base_eventbus.py, where the reference versions live.
  *
  * events.py calls setup() once with the Event class, its id counter, the set of already
- * validated names, the codec's loads and the Python from_json; this module then writes the slots by their
- * offsets, which setup() reads from the class's own slot descriptors (so a renamed or removed
- * slot makes setup() fail loudly, and events.py falls back to Python).
+ * validated names, the codec's loads and the Python from_json; base_eventbus.py calls
+ * setup_bus() with Subscription, deque and the Python emit. This module then reads and writes
+ * slots by their offsets, which the setups read from the classes' own slot descriptors (so a
+ * renamed or removed slot makes them fail loudly at import).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -46,8 +47,6 @@ static PyObject *k_checked;          /* "_from_dict_checked": the thorough path,
 static PyObject *k_event, *k_id, *k_data, *k_timestamp, *k_version, *k_corr;
 static PyObject *int_zero, *int_one;
 
-#define SET_SLOT(obj, slot, value) (*(PyObject **)((char *)(obj) + offsets[slot]) = (value))
-
 /* What every entry point checks first: its number of arguments, and that its setup ran.
  * Non-zero (with the exception set) when the call cannot go on. */
 static int
@@ -66,11 +65,17 @@ bad_call(Py_ssize_t nargs, Py_ssize_t expected, const char *signature, const voi
     return 0;
 }
 
+/* A new Event holding new references to ``values``, one per slot (in slot_names' order). */
 static PyObject *
-alloc_event(void)
+build_event(PyObject *const values[N_SLOTS])
 {
-    /* Zeroed and tracked by the GC; NULL slots are skipped by its traversal meanwhile. */
-    return event_type->tp_alloc(event_type, 0);
+    /* Zeroed and tracked by the GC; nothing runs between the allocation and the stores. */
+    PyObject *event = event_type->tp_alloc(event_type, 0);
+    if (event == NULL)
+        return NULL;
+    for (int i = 0; i < N_SLOTS; i++)
+        *(PyObject **)((char *)event + offsets[i]) = Py_NewRef(values[i]);
+    return event;
 }
 
 static int
@@ -125,16 +130,11 @@ setup(PyObject *module, PyObject *args)
         }
         Py_DECREF(descr);
     }
-    Py_INCREF(cls);
-    Py_XSETREF(event_type, (PyTypeObject *)cls);
-    Py_INCREF(cnt);
-    Py_XSETREF(counter, cnt);
-    Py_INCREF(known);
-    Py_XSETREF(known_names, known);
-    Py_INCREF(loads);
-    Py_XSETREF(json_loads, loads);
-    Py_INCREF(reference);
-    Py_XSETREF(py_from_json, reference);
+    Py_XSETREF(event_type, (PyTypeObject *)Py_NewRef(cls));
+    Py_XSETREF(counter, Py_NewRef(cnt));
+    Py_XSETREF(known_names, Py_NewRef(known));
+    Py_XSETREF(json_loads, Py_NewRef(loads));
+    Py_XSETREF(py_from_json, Py_NewRef(reference));
     Py_RETURN_NONE;
 }
 
@@ -151,31 +151,17 @@ new_event(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (seq == NULL)
         return NULL;
     PyObject *ns = PyLong_FromLongLong((long long)now.tv_sec * 1000000000LL + now.tv_nsec);
-    PyObject *data = args[1];
-    if (data == Py_None)
-        data = PyDict_New();
-    else
-        Py_INCREF(data);
-    PyObject *event = ns && data ? alloc_event() : NULL;
-    if (event == NULL) {
-        Py_DECREF(seq);
-        Py_XDECREF(ns);
-        Py_XDECREF(data);
-        return NULL;
+    PyObject *data = args[1] == Py_None ? PyDict_New() : Py_NewRef(args[1]);
+    PyObject *event = NULL;
+    if (ns != NULL && data != NULL) {
+        /* name, data, version, correlation_id, id and ISO text (both made when asked for),
+         * sequence number, clock */
+        PyObject *values[N_SLOTS] = {args[0], data, int_one, Py_None, Py_None, Py_None, seq, ns};
+        event = build_event(values);
     }
-    Py_INCREF(args[0]);
-    SET_SLOT(event, S_NAME, args[0]);
-    SET_SLOT(event, S_DATA, data);
-    Py_INCREF(int_one);
-    SET_SLOT(event, S_VERSION, int_one);
-    Py_INCREF(Py_None);
-    SET_SLOT(event, S_CORR, Py_None);
-    Py_INCREF(Py_None);
-    SET_SLOT(event, S_ID, Py_None);
-    Py_INCREF(Py_None);
-    SET_SLOT(event, S_ISO, Py_None);
-    SET_SLOT(event, S_SEQ, seq);
-    SET_SLOT(event, S_NS, ns);
+    Py_DECREF(seq);
+    Py_XDECREF(ns);
+    Py_XDECREF(data);
     return event;
 }
 
@@ -267,26 +253,9 @@ from_dict(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (!known)
         goto thorough;
-    PyObject *event = alloc_event();
-    if (event == NULL)
-        return NULL;
-    Py_INCREF(name);
-    SET_SLOT(event, S_NAME, name);
-    Py_INCREF(data);
-    SET_SLOT(event, S_DATA, data);
-    Py_INCREF(version);
-    SET_SLOT(event, S_VERSION, version);
-    Py_INCREF(corr);
-    SET_SLOT(event, S_CORR, corr);
-    Py_INCREF(id);
-    SET_SLOT(event, S_ID, id);
-    Py_INCREF(stamp);
-    SET_SLOT(event, S_ISO, stamp);
-    Py_INCREF(int_zero);
-    SET_SLOT(event, S_SEQ, int_zero);
-    Py_INCREF(Py_None);
-    SET_SLOT(event, S_NS, Py_None); /* converted from the ISO text on first use */
-    return event;
+    /* the nanoseconds (None) are converted from the ISO text on first use */
+    PyObject *values[N_SLOTS] = {name, data, version, corr, id, stamp, int_zero, Py_None};
+    return build_event(values);
 thorough:
     return PyObject_CallMethodOneArg(args[0], k_checked, obj);
 }
@@ -336,28 +305,33 @@ setup_bus(PyObject *module, PyObject *args)
     if (slot_offsets(cls, sub_slot_names, N_SUB_SLOTS, found) < 0)
         return NULL;
     memcpy(sub_offsets, found, sizeof(sub_offsets));
-    Py_INCREF(cls);
-    Py_XSETREF(subscription_type, (PyTypeObject *)cls);
-    Py_INCREF(dq);
-    Py_XSETREF(deque_type, dq);
-    Py_INCREF(emit);
-    Py_XSETREF(py_emit, emit);
+    Py_XSETREF(subscription_type, (PyTypeObject *)Py_NewRef(cls));
+    Py_XSETREF(deque_type, Py_NewRef(dq));
+    Py_XSETREF(py_emit, Py_NewRef(emit));
     Py_RETURN_NONE;
 }
 
-/* A Subscription's slot, borrowed; AttributeError if it was never set. */
+/* A slot of a Subscription (the caller checked the type), borrowed; AttributeError if it was
+ * never set. */
 static PyObject *
 sub_slot(PyObject *sub, int slot)
 {
-    if (!PyObject_TypeCheck(sub, subscription_type)) {
-        PyErr_Format(PyExc_TypeError, "expected a Subscription, got %.100s",
-                     Py_TYPE(sub)->tp_name);
-        return NULL;
-    }
     PyObject *value = *(PyObject **)((char *)sub + sub_offsets[slot]);
     if (value == NULL)
         PyErr_Format(PyExc_AttributeError, "Subscription has no %s", sub_slot_names[slot]);
     return value;
+}
+
+/* ``bool(sub.<slot>)``: 1, 0, or -1 with an exception set. */
+static int
+sub_flag(PyObject *sub, int slot)
+{
+    PyObject *flag = sub_slot(sub, slot);
+    if (flag == Py_True)
+        return 1;
+    if (flag == Py_False)
+        return 0;
+    return flag == NULL ? -1 : PyObject_IsTrue(flag);
 }
 
 /* The exception being raised, taken out of the error indicator, with its traceback. */
@@ -390,17 +364,20 @@ dispatch_loop(PyObject *bus, PyObject *event, PyObject *subscriptions)
     /* A list could change size while listeners run: re-read the length every turn. */
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
         PyObject *sub = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyObject_TypeCheck(sub, subscription_type)) {
+            PyErr_Format(PyExc_TypeError, "expected a Subscription, got %.100s",
+                         Py_TYPE(sub)->tp_name);
+            goto error;
+        }
         Py_INCREF(sub);
-        PyObject *flag = sub_slot(sub, B_ACTIVE);
-        int truth = flag == Py_True ? 1 : flag == Py_False ? 0 : flag ? PyObject_IsTrue(flag) : -1;
+        int truth = sub_flag(sub, B_ACTIVE);
         if (truth <= 0) {
             Py_DECREF(sub);
             if (truth < 0)
                 goto error;
             continue;  /* cancelled before its turn came */
         }
-        flag = sub_slot(sub, B_ONCE);
-        truth = flag == Py_False ? 0 : flag == Py_True ? 1 : flag ? PyObject_IsTrue(flag) : -1;
+        truth = sub_flag(sub, B_ONCE);
         if (truth != 0) {
             PyObject *claimed = truth < 0 ? NULL : PyObject_CallMethodOneArg(bus, k_remove, sub);
             truth = claimed ? PyObject_IsTrue(claimed) : -1;
@@ -613,14 +590,14 @@ fail:
 }
 
 static PyMethodDef methods[] = {
-    {"setup", setup, METH_VARARGS, "setup(Event, counter, known_names)"},
+    {"setup", setup, METH_VARARGS, "setup(Event, counter, known_names, loads, from_json)"},
     {"new_event", (PyCFunction)(void (*)(void))new_event, METH_FASTCALL,
      "new_event(name, data) -> Event"},
     {"from_dict", (PyCFunction)(void (*)(void))from_dict, METH_FASTCALL,
      "from_dict(cls, obj) -> Event"},
     {"from_json", (PyCFunction)(void (*)(void))from_json, METH_FASTCALL,
      "from_json(cls, text) -> Event"},
-    {"setup_bus", setup_bus, METH_VARARGS, "setup_bus(Subscription, deque)"},
+    {"setup_bus", setup_bus, METH_VARARGS, "setup_bus(Subscription, deque, python_emit)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -644,29 +621,21 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    k_checked = PyUnicode_InternFromString("_from_dict_checked");
-    k_event = PyUnicode_InternFromString("event");
-    k_id = PyUnicode_InternFromString("id");
-    k_data = PyUnicode_InternFromString("data");
-    k_timestamp = PyUnicode_InternFromString("timestamp");
-    k_version = PyUnicode_InternFromString("version");
-    k_corr = PyUnicode_InternFromString("correlation_id");
-    int_zero = PyLong_FromLong(0);
-    int_one = PyLong_FromLong(1);
-    if (!k_checked || !k_event || !k_id || !k_data || !k_timestamp || !k_version || !k_corr || !int_zero ||
-        !int_one)
-        return NULL;
-    k_busy = PyUnicode_InternFromString("_busy");
-    k_remove = PyUnicode_InternFromString("_remove");
-    k_listener_failed = PyUnicode_InternFromString("_listener_failed");
-    k_append = PyUnicode_InternFromString("append");
-    k_popleft = PyUnicode_InternFromString("popleft");
-    k_matches = PyUnicode_InternFromString("_matches");
-    k_sink = PyUnicode_InternFromString("_sink");
-    k_event_log = PyUnicode_InternFromString("event_log");
-    k_deliver = PyUnicode_InternFromString("_deliver");
-    if (!k_busy || !k_remove || !k_listener_failed || !k_append || !k_popleft || !k_matches ||
-        !k_sink || !k_event_log || !k_deliver)
+    struct {
+        PyObject **slot;
+        const char *text;
+    } names[] = {
+        {&k_checked, "_from_dict_checked"}, {&k_event, "event"}, {&k_id, "id"},
+        {&k_data, "data"}, {&k_timestamp, "timestamp"}, {&k_version, "version"},
+        {&k_corr, "correlation_id"}, {&k_busy, "_busy"}, {&k_remove, "_remove"},
+        {&k_listener_failed, "_listener_failed"}, {&k_append, "append"},
+        {&k_popleft, "popleft"}, {&k_matches, "_matches"}, {&k_sink, "_sink"},
+        {&k_event_log, "event_log"}, {&k_deliver, "_deliver"},
+    };
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if ((*names[i].slot = PyUnicode_InternFromString(names[i].text)) == NULL)
+            return NULL;
+    if ((int_zero = PyLong_FromLong(0)) == NULL || (int_one = PyLong_FromLong(1)) == NULL)
         return NULL;
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL)
