@@ -34,7 +34,8 @@ import os
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from threading import get_ident
 from typing import Any, TypeVar
@@ -50,6 +51,7 @@ log = get_logger(__name__)
 Listener = Callable[[Event], Any]
 F = TypeVar("F", bound=Callable[..., Any])
 _MATCH_CACHE_LIMIT = 10_000
+_Pending = tuple[Event, tuple["Subscription", ...]]  # an event queued behind the current one
 
 
 class Subscription:
@@ -286,6 +288,29 @@ class BaseEventBus:
                     self._dispatch(*pending.popleft())
         finally:
             del busy[tid]
+
+    @contextmanager
+    def _delivering(self) -> Iterator[tuple[Callable[..., object], deque[_Pending]]]:
+        """For one thread delivering many events in a row (a replay): ``(deliver, pending)``.
+
+        Call ``deliver(event, subscriptions)`` per event, then drain ``pending`` (``while
+        pending: deliver(*pending.popleft())``): what the listeners emitted, in the order
+        :meth:`_deliver` gives. With the base hook the thread is marked as dispatching once
+        for the whole loop and ``deliver`` is :meth:`_dispatch`, which saves the per-event
+        bookkeeping; a variant's :meth:`_deliver` receives each event itself.
+        """
+        pending: deque[_Pending] = deque()
+        if type(self)._deliver is not BaseEventBus._deliver:
+            yield self._deliver, pending
+            return
+        tid = get_ident()
+        if tid in self._busy:
+            raise RuntimeError("this thread is already dispatching on this bus")
+        self._busy[tid] = pending  # _deliver queues here, as for any emit inside a dispatch
+        try:
+            yield self._dispatch, pending
+        finally:
+            self._busy.pop(tid, None)
 
     def _dispatch(self, event: Event, subscriptions: tuple[Subscription, ...]) -> int:
         """Call each subscription with error isolation; returns how many listeners failed."""

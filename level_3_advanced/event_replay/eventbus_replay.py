@@ -46,7 +46,7 @@ from pathlib import Path
 from threading import get_ident
 from typing import Any, NamedTuple
 
-from common.base_eventbus import BaseEventBus, Subscription
+from common.base_eventbus import Subscription
 from common.events import Event, InvalidEventError
 from common.logger import get_logger
 from common.patterns import matches, validate_name, validate_pattern
@@ -262,22 +262,12 @@ class ReplayableEventBus(EventBus):
         self._replays[tid] = stats
         batches = reader.batches()
         try:
-            if type(self)._deliver is BaseEventBus._deliver:
-                # This thread dispatches for the whole replay: what listeners emit meanwhile
-                # is queued (by _deliver, as for any emit inside a dispatch) and dispatched by
-                # the loop right after the event that caused it -- the same order a _deliver
-                # per event gives, without its bookkeeping per event.
-                pending: deque[tuple[Event, tuple[Subscription, ...]]] = deque()
-                self._busy[tid] = pending
-                dispatch: Callable[[Event, tuple[Subscription, ...]], object] = self._dispatch
-            else:  # a variant's delivery (a queue, a loop): each event goes through it
-                pending, dispatch = deque(), self._deliver
-            self._replay_lines(
-                batches, reader, stats, end, pattern, since_ns, until_ns, dispatch, pending
-            )
+            with self._delivering() as (deliver, pending):
+                self._replay_lines(
+                    batches, reader, stats, end, pattern, since_ns, until_ns, deliver, pending
+                )
         finally:
             batches.close()  # closes the file now, also when a listener or upcaster raised
-            self._busy.pop(tid, None)
             del self._replays[tid]
             self.replay_stats = stats
             _report(stats)
@@ -292,7 +282,7 @@ class ReplayableEventBus(EventBus):
         pattern: str,
         since_ns: int | None,
         until_ns: int | None,
-        dispatch: Callable[[Event, tuple[Subscription, ...]], object],
+        deliver: Callable[..., object],
         pending: deque[tuple[Event, tuple[Subscription, ...]]],
     ) -> None:
         # The hot loop: everything it needs is a local, and the lines come a block at a time
@@ -345,9 +335,9 @@ class ReplayableEventBus(EventBus):
                     stats.current_offset = offset
                     stats.current_line = number
                     replayed += 1
-                    dispatch(event, subs)
+                    deliver(event, subs)
                     while pending:  # what the listeners emitted, breadth first
-                        dispatch(*pending.popleft())
+                        deliver(*pending.popleft())
             if reader.torn_tail is not None:
                 stats.torn_tail_bytes = len(reader.torn_tail)
         finally:
