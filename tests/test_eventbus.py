@@ -469,3 +469,21 @@ def test_a_bus_forked_in_the_middle_of_a_dispatch_works_in_the_child() -> None:
     bus.subscribe("parent", fork_from_listener)
     bus.emit("parent")
     assert result == [["child"]]
+
+
+def test_delivering_marks_the_thread_once_and_refuses_to_nest() -> None:
+    """The base bus's protocol for a loop of deliveries (what a replay uses)."""
+    bus = EventBus()
+    order: list[str] = []
+    bus.subscribe("a.first", lambda e: (order.append("first"), bus.emit("a.follow")))
+    bus.subscribe("a.follow", lambda e: order.append("follow"))
+    subs = bus._match("a.first")
+    with bus._delivering() as (deliver, pending):
+        assert deliver == bus._dispatch  # the base hook: one mark, then _dispatch per event
+        deliver(Event("a.first"), subs)
+        assert order == ["first"] and len(pending) == 1  # queued, not run inside
+        while pending:
+            deliver(*pending.popleft())
+        with pytest.raises(RuntimeError, match="already dispatching"), bus._delivering():
+            pass
+    assert order == ["first", "follow"] and bus._busy == {}
