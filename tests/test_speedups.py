@@ -268,4 +268,3 @@ def test_the_core_suite_passes_in_pure_python() -> None:
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-
