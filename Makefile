@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python requirements.txt pyproject.toml setup.py common/_speedups.c
+$(STAMP): $(BIN)/python requirements.txt pyproject.toml setup.py common/_speedups.c \
+          level_4_hard/file_kafka/_appender.c
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $(STAMP)

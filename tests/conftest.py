@@ -14,9 +14,13 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import pytest
+
+if TYPE_CHECKING:
+    from level_4_hard.file_kafka.worker import WorkerProcess
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -78,6 +82,21 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     path.mkdir()
     monkeypatch.setenv("EDA_DATA_DIR", str(path))
     yield path
+
+
+@pytest.fixture
+def kdir(data_dir: Path) -> Path:
+    """The file-Kafka data directory of one test (inside ``data_dir``)."""
+    return data_dir / "kafka"
+
+
+@pytest.fixture
+def workers() -> Iterator[list[WorkerProcess]]:
+    """File-Kafka worker processes a test starts (append them): each closed afterwards."""
+    started: list[WorkerProcess] = []
+    yield started
+    for worker in started:
+        worker.close()  # kills the child if it still runs, reaps it, closes its pipes
 
 
 @pytest.fixture(scope="session")

@@ -36,11 +36,6 @@ from level_4_hard.file_kafka.segment import list_segments, read_index
 from level_4_hard.file_kafka.topic import murmur2, partition_dir, partition_for_key
 
 
-@pytest.fixture
-def kdir(data_dir: Path) -> Path:
-    return data_dir / "kafka"
-
-
 def consumer(kdir: Path, group: str | None = "g", **kw) -> Consumer:
     kw.setdefault("auto_offset_reset", "earliest")
     kw.setdefault("enable_auto_commit", False)

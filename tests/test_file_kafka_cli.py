@@ -18,11 +18,6 @@ from level_4_hard.file_kafka.topic import partition_for_key
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def kdir(data_dir: Path) -> Path:
-    return data_dir / "kafka"
-
-
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     code = cli(list(args))
     out, err = capsys.readouterr()

@@ -7,7 +7,6 @@ Every child is ``python -m level_4_hard.file_kafka.worker <role>``, driven throu
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,19 +18,6 @@ from level_4_hard.file_kafka.worker import WorkerProcess
 from tests.test_file_kafka import read_lines
 
 DEADLINE = 60.0  # generous: costs nothing when things work, and the machine is shared
-
-
-@pytest.fixture
-def kdir(data_dir: Path) -> Path:
-    return data_dir / "kafka"
-
-
-@pytest.fixture
-def workers() -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for worker in started:
-        worker.close()
 
 
 def start(workers: list[WorkerProcess], *args: str, stdin: bool = False) -> WorkerProcess:

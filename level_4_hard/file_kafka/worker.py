@@ -32,7 +32,7 @@ from common.events import InvalidEventError, dumps, loads
 from common.logger import configure_logging
 from common.waiting import wait_until
 from level_4_hard.file_kafka.consumer import Consumer
-from level_4_hard.file_kafka.partition import DURABILITY_MODES
+from level_4_hard.file_kafka.partition import C_APPEND, DURABILITY_MODES
 from level_4_hard.file_kafka.producer import Producer
 from level_4_hard.file_kafka.records import Record, TopicPartition
 
@@ -57,7 +57,7 @@ def run_produce(args: argparse.Namespace) -> int:
     with Producer(
         args.data_dir, partitions=args.partitions, durability=args.durability
     ) as producer:
-        _say(ready=os.getpid())
+        _say(ready=os.getpid(), c_append=C_APPEND)  # which append path this process runs
         if args.wait_go:
             sys.stdin.readline()
         started = time.monotonic()  # system-wide clock: comparable between processes
@@ -186,7 +186,10 @@ class WorkerProcess:
     and closes the pipes.
     """
 
-    def __init__(self, role_args: list[str], *, stdin: bool = False) -> None:
+    def __init__(
+        self, role_args: list[str], *, stdin: bool = False, env: dict[str, str] | None = None
+    ) -> None:
+        """``env``: variables added to this process's environment for the child."""
         self.args = role_args
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "level_4_hard.file_kafka.worker", *role_args],
@@ -194,6 +197,7 @@ class WorkerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env=None if env is None else {**os.environ, **env},
         )
         self.messages: list[dict[str, Any]] = []
         self.text: list[str] = []
