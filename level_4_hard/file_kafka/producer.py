@@ -136,18 +136,21 @@ class Producer:
         else:
             self._check_partition(state, partition, key)
         writer = state.writers[partition] or self._open_writer(topic, state, partition)
-        if timestamp_ms is None and not self._buffering and type(value) is not Event:
-            # The hot path, with a clock that formats the ISO time once per millisecond.
+        if (
+            not C_APPEND
+            and timestamp_ms is None
+            and not self._buffering
+            and type(value) is not Event
+        ):
+            # The pure-Python hot path: the whole line is encoded at once, numbered with the
+            # offset the writer expects (it renumbers the line, under its lock, if another
+            # process appended meanwhile), so no copy splices the offset in; the clock formats
+            # the ISO time once per millisecond. (The C append writes the offset in front of
+            # the body itself: with it, every record takes the general path below.)
             ms = _time_ns() // 1_000_000
             clock = self._clock
             if clock[0] != ms:
                 clock = self._clock = (ms, ms_to_iso(ms))
-            if C_APPEND:  # the C append writes the offset in front, under the lock
-                body = self._plain_body(topic, value, key, clock[1])
-                return _new(RecordMetadata, (topic, partition, writer.append(body), ms))
-            # In Python the whole line is encoded at once, numbered with the offset the
-            # writer expects (it renumbers the line, under its lock, if another process
-            # appended meanwhile): no copy splices the offset in.
             guess = writer.next_offset
             if guess < 0:  # other processes append to this partition too
                 guess = writer.guess_next_offset()
