@@ -132,6 +132,50 @@ def test_four_producer_processes_write_exactly_40000_dense_records(
     assert sum(len(s) for s in per_producer.values()) == 40_000
 
 
+def test_producers_sending_for_a_duration_report_exactly_what_they_wrote(
+    kdir: Path, workers: list[WorkerProcess]
+) -> None:
+    """The benchmark's mode (``--seconds``): the count each process reports, which the rate
+    is computed from, is the number of its records on disk, in order, and they all stop."""
+    Admin(kdir).create_topic("timed", 1)
+    procs = [
+        start(
+            workers,
+            "produce",
+            "--data-dir",
+            str(kdir),
+            "--topic",
+            "timed",
+            "--count",
+            str(10**9),  # the time ends the run, not the count
+            "--seconds",
+            "0.3",
+            "--keys",
+            "10",
+            "--tag",
+            f"p{n}",
+            "--wait-go",
+            stdin=True,
+        )
+        for n in range(2)
+    ]
+    for proc in procs:
+        proc.wait_for(lambda w: w.values("ready"), DEADLINE, "producer ready")
+    for proc in procs:
+        proc.send_line("go")
+    done = {}
+    for n, proc in enumerate(procs):
+        assert proc.wait(DEADLINE) == 0
+        (done[f"p{n}"],) = proc.values("done")
+        assert done[f"p{n}"] > 0
+    lines = read_lines(kdir, "timed", 0)
+    assert [x["offset"] for x in lines] == list(range(len(lines)))
+    for tag, count in done.items():
+        assert [x["data"]["seq"] for x in lines if x["data"]["producer"] == tag] == list(
+            range(count)
+        )
+
+
 @pytest.mark.parametrize(
     ("commit", "restart_at", "redelivered", "lost"),
     [

@@ -61,18 +61,27 @@ def run_produce(args: argparse.Namespace) -> int:
         if args.wait_go:
             sys.stdin.readline()
         started = time.monotonic()  # system-wide clock: comparable between processes
+        # With --seconds, send until then (--count is the most): processes started together
+        # stop together, so a rate is measured with all of them running to the end.
+        deadline = started + args.seconds if args.seconds else float("inf")
         keys = [f"key-{i}" for i in range(args.keys)] if args.keys else [None]
         # Each producer walks the keys from its own random start: producers that started
         # together must not hit the same partitions in lockstep (real key streams do not).
         shift = random.randrange(len(keys))
         keys = keys[shift:] + keys[:shift]
+        sent = 0
         if args.batch == 1:  # one send() per record: the per-record path under test
             send = producer.send
             topic = args.topic
+            clock = time.monotonic
+            seq = -1
             for seq in range(args.count):
                 meta = send(topic, {"producer": args.tag, "seq": seq}, keys[seq % len(keys)])
                 if args.print_acks:
                     _say(ack=[meta.partition, meta.offset])
+                if not seq & 63 and clock() >= deadline:  # the clock every 64 records
+                    break
+            sent = seq + 1
         else:
             for start in range(0, args.count, args.batch):
                 seqs = range(start, min(args.count, start + args.batch))
@@ -84,7 +93,9 @@ def run_produce(args: argparse.Namespace) -> int:
                 if args.print_acks:
                     for meta in metas:
                         _say(ack=[meta.partition, meta.offset])
-        sent = args.count
+                sent += len(seqs)
+                if time.monotonic() >= deadline:
+                    break
     _say(done=sent, started=started, finished=time.monotonic())
     return 0
 
@@ -291,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     produce.add_argument("--batch", type=int, default=1, help="records per send_many")
     produce.add_argument("--tag", default="p")
     produce.add_argument("--wait-go", action="store_true", help="start on a line from stdin")
+    produce.add_argument("--seconds", type=float, default=0.0, help="stop sending after this")
     produce.add_argument("--print-acks", action="store_true")
 
     tear = roles.add_parser("tear", help="die in the middle of writing a record")
