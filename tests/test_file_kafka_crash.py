@@ -26,6 +26,33 @@ def start(workers: list[WorkerProcess], *args: str, stdin: bool = False) -> Work
     return worker
 
 
+def start_together(
+    workers: list[WorkerProcess], kdir: Path, topic: str, procs: int, *args: str
+) -> list[WorkerProcess]:
+    """``procs`` producer processes (tags p0, p1...), all running before any of them writes."""
+    started = [
+        start(
+            workers,
+            "produce",
+            "--data-dir",
+            str(kdir),
+            "--topic",
+            topic,
+            *args,
+            "--tag",
+            f"p{n}",
+            "--wait-go",
+            stdin=True,
+        )
+        for n in range(procs)
+    ]
+    for proc in started:
+        proc.wait_for(lambda w: w.values("ready"), DEADLINE, "producer ready")
+    for proc in started:
+        proc.send_line("go")
+    return started
+
+
 def test_producer_killed_mid_burst_keeps_every_acknowledged_record(
     kdir: Path, workers: list[WorkerProcess]
 ) -> None:
@@ -90,29 +117,7 @@ def test_four_producer_processes_write_exactly_40000_dense_records(
     kdir: Path, workers: list[WorkerProcess]
 ) -> None:
     Admin(kdir).create_topic("shared", 2, segment_bytes=256 * 1024)
-    procs = [
-        start(
-            workers,
-            "produce",
-            "--data-dir",
-            str(kdir),
-            "--topic",
-            "shared",
-            "--count",
-            "10000",
-            "--keys",
-            "50",
-            "--tag",
-            f"p{n}",
-            "--wait-go",
-            stdin=True,
-        )
-        for n in range(4)
-    ]
-    for proc in procs:  # all four are running before any of them writes
-        proc.wait_for(lambda w: w.values("ready"), DEADLINE, "producer ready")
-    for proc in procs:
-        proc.send_line("go")
+    procs = start_together(workers, kdir, "shared", 4, "--count", "10000", "--keys", "50")
     for proc in procs:
         assert proc.wait(DEADLINE) == 0
         assert proc.values("done") == [10000]
@@ -138,31 +143,10 @@ def test_producers_sending_for_a_duration_report_exactly_what_they_wrote(
     """The benchmark's mode (``--seconds``): the count each process reports, which the rate
     is computed from, is the number of its records on disk, in order, and they all stop."""
     Admin(kdir).create_topic("timed", 1)
-    procs = [
-        start(
-            workers,
-            "produce",
-            "--data-dir",
-            str(kdir),
-            "--topic",
-            "timed",
-            "--count",
-            str(10**9),  # the time ends the run, not the count
-            "--seconds",
-            "0.3",
-            "--keys",
-            "10",
-            "--tag",
-            f"p{n}",
-            "--wait-go",
-            stdin=True,
-        )
-        for n in range(2)
-    ]
-    for proc in procs:
-        proc.wait_for(lambda w: w.values("ready"), DEADLINE, "producer ready")
-    for proc in procs:
-        proc.send_line("go")
+    # the time ends the run, not the count
+    procs = start_together(
+        workers, kdir, "timed", 2, "--count", str(10**9), "--seconds", "0.3", "--keys", "10"
+    )
     done = {}
     for n, proc in enumerate(procs):
         assert proc.wait(DEADLINE) == 0
